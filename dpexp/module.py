@@ -1,0 +1,59 @@
+"""The LightningModule: model, loss and metrics. It knows nothing about privacy: the
+gradient of each batch comes from ``gradient_step``, which the privacy callback installs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dpexp.privacy.step import GradientStep
+
+
+class Classifier(L.LightningModule):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.optimizer_factory = optimizer
+        self.automatic_optimization = False  # the gradient step drives the optimizer
+        self.gradient_step: GradientStep = GradientStep(model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        stats = self.gradient_step(batch, optimizer.optimizer, optimizer.step)
+        if stats is None:  # the privacy budget stopped training
+            return
+        if "loss" in stats:
+            self.log("train/loss", stats["loss"], prog_bar=True, on_step=True, on_epoch=True)
+        for key in ("clip_fraction", "grad_norm"):
+            if key in stats:
+                self.log(f"train/{key}", stats[key], on_step=True, on_epoch=True)
+        self.log("train/batch_size", float(stats["batch_size"]), on_step=True, on_epoch=False)
+
+    def _evaluate(self, batch, prefix: str) -> None:
+        x, y = batch
+        logits = self.model(x)
+        self.log(f"{prefix}/loss", F.cross_entropy(logits, y), prog_bar=True, batch_size=len(y))
+        acc = (logits.argmax(1) == y).float().mean()
+        self.log(f"{prefix}/acc", acc, prog_bar=True, batch_size=len(y))
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer_factory(
+            params=[p for p in self.model.parameters() if p.requires_grad]
+        )

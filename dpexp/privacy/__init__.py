@@ -1,0 +1,6 @@
+"""DP-SGD: the step pipeline (``step``) and the Lightning callback that owns it (``callback``)."""
+
+from dpexp.privacy.callback import PrivacyCallback
+from dpexp.privacy.step import GradientStep
+
+__all__ = ["GradientStep", "PrivacyCallback"]

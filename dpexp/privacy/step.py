@@ -1,0 +1,148 @@
+"""The DP-SGD step, in one place.
+
+    per-sample gradients → (method picks coordinates) → clip → sum → noise → ÷ B
+    → (method transforms the update) → optimizer step → (method accepts/restores) → account
+
+The same pipeline with ``noise_multiplier=None`` is the non-private baseline: the mean
+gradient of the batch, unclipped, through the same method hooks and optimizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dpexp.accounting import Ledger
+from dpexp.clipping import ClippingEngine, trainable_parameters
+from dpexp.methods.base import Method
+
+
+def merge_weights(methods: Sequence[Method], step: int) -> dict[str, torch.Tensor] | None:
+    """Multiply the coordinate weights of all methods (freeze × select compose)."""
+    merged: dict[str, torch.Tensor] = {}
+    for method in methods:
+        for name, w in (method.coordinate_weights(step) or {}).items():
+            merged[name] = merged[name] * w if name in merged else w
+    return merged or None
+
+
+class GradientStep:
+    """Computes the update of one logical batch and applies it with the optimizer."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        methods: Sequence[Method] = (),
+        *,
+        engine: ClippingEngine | None = None,
+        noise_multiplier: float | None = None,
+        max_grad_norm: float | None = None,
+        expected_batch_size: float | None = None,
+        sample_rate: float | None = None,
+        physical_batch_size: int | None = None,
+        ledger: Ledger | None = None,
+        noise_generator: torch.Generator | None = None,
+        max_steps: int | None = None,
+    ) -> None:
+        self.model = model
+        self.methods = list(methods)
+        self.engine = engine
+        self.noise_multiplier = noise_multiplier
+        self.max_grad_norm = max_grad_norm
+        self.expected_batch_size = expected_batch_size
+        self.sample_rate = sample_rate
+        self.physical_batch_size = physical_batch_size
+        self.ledger = ledger
+        self.noise_generator = noise_generator
+        self.max_steps = max_steps
+        self.steps = 0
+
+    @property
+    def private(self) -> bool:
+        return self.noise_multiplier is not None
+
+    def mechanisms(self) -> list[tuple[float, float]]:
+        """What one step runs on private data, for the accountant."""
+        own = [(self.noise_multiplier, self.sample_rate)]
+        return own + [m for method in self.methods for m in method.privacy_mechanisms()]
+
+    def budget_allows_step(self) -> bool:
+        return self.max_steps is None or self.steps < self.max_steps
+
+    def _chunks(self, x: torch.Tensor, y: torch.Tensor):
+        size = self.physical_batch_size or max(len(y), 1)
+        return zip(x.split(size), y.split(size), strict=True)
+
+    def private_gradient(
+        self, x: torch.Tensor, y: torch.Tensor, weights
+    ) -> tuple[dict[str, torch.Tensor], dict]:
+        params = trainable_parameters(self.model)
+        sums = {n: torch.zeros_like(p) for n, p in params}
+        loss, norms = torch.zeros(()), []
+        for xc, yc in self._chunks(x, y):
+            chunk_sums, chunk_norms, chunk_loss = self.engine.clipped_sum(
+                xc, yc, self.max_grad_norm, weights
+            )
+            for n, g in chunk_sums.items():
+                sums[n] += g
+            norms.append(chunk_norms.detach())
+            loss = loss + chunk_loss.detach().cpu()
+        std = self.noise_multiplier * self.max_grad_norm
+        for n, p in params:
+            noise = torch.normal(
+                0.0, std, p.shape, generator=self.noise_generator, device=p.device, dtype=p.dtype
+            )
+            if weights is not None and n in weights:
+                noise = noise * (weights[n] != 0)  # a dropped coordinate gets no noise
+            sums[n] = (sums[n] + noise) / self.expected_batch_size
+        norms = torch.cat(norms) if norms else torch.zeros(0)
+        stats = {"loss": loss / max(len(y), 1), "batch_size": len(y)}
+        if len(norms):
+            stats["clip_fraction"] = (norms > self.max_grad_norm).float().mean()
+            stats["grad_norm"] = norms.median()
+        return sums, stats
+
+    def plain_gradient(self, x, y, weights) -> tuple[dict[str, torch.Tensor], dict]:
+        params = trainable_parameters(self.model)
+        if len(y) == 0:
+            return {n: torch.zeros_like(p) for n, p in params}, {"batch_size": 0}
+        loss = F.cross_entropy(self.model(x), y)
+        grads = torch.autograd.grad(loss, [p for _, p in params])
+        grads = {n: g for (n, _), g in zip(params, grads, strict=True)}
+        if weights is not None:
+            grads = {n: g * weights[n] if n in weights else g for n, g in grads.items()}
+        return grads, {"loss": loss.detach(), "batch_size": len(y)}
+
+    def __call__(
+        self,
+        batch: tuple[torch.Tensor, torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+        optimizer_step: Callable[[], None] | None = None,
+    ) -> dict | None:
+        """Run one step; return its statistics, or None if the privacy budget forbids it."""
+        if not self.budget_allows_step():
+            return None
+        x, y = batch
+        weights = merge_weights(self.methods, self.steps)
+        if self.private:
+            grads, stats = self.private_gradient(x, y, weights)
+        else:
+            grads, stats = self.plain_gradient(x, y, weights)
+        for method in self.methods:
+            grads = method.transform_update(grads)
+        for n, p in trainable_parameters(self.model):
+            p.grad = grads[n]
+        for method in self.methods:
+            method.before_optimizer_step(optimizer)
+        (optimizer_step or optimizer.step)()
+        for method in self.methods:
+            method.after_optimizer_step(optimizer)
+        for _, p in trainable_parameters(self.model):
+            p.grad = None
+        self.steps += 1
+        if self.private:
+            self.ledger.record(self.mechanisms())
+        return stats

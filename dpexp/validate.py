@@ -1,0 +1,158 @@
+"""Checks of the composed config, run before any data is loaded or anything is written.
+
+Each failure raises :class:`ConfigError` with one line: the key, the bad value and what is
+allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from dpexp.accounting import ACCOUNTANTS
+from dpexp.clipping import MODES
+from dpexp.data import DATASETS, TORCHVISION, DataModule
+from dpexp.errors import ConfigError
+from dpexp.models import BUILDERS
+
+
+def _get(cfg: DictConfig, key: str) -> Any:
+    return OmegaConf.select(cfg, key, default=None)
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"{key}={value!r} is invalid: {allowed}")
+
+
+def _number(cfg: DictConfig, key: str) -> float | None:
+    value = _get(cfg, key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        _fail(key, value, "expected a number")
+    return float(value)
+
+
+def _positive_int(cfg: DictConfig, key: str, optional: bool = True) -> None:
+    value = _get(cfg, key)
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        _fail(key, value, "expected a positive integer")
+
+
+def _choice(cfg: DictConfig, key: str, allowed: tuple[str, ...]) -> None:
+    value = _get(cfg, key)
+    if value not in allowed:
+        _fail(key, value, f"choose one of {', '.join(allowed)}")
+
+
+def validate_dataset(cfg: DictConfig) -> DataModule:
+    _choice(cfg, "dataset.name", DATASETS)
+    for key in ("dataset.batch_size",):
+        _positive_int(cfg, key, optional=False)
+    for key in ("dataset.physical_batch_size", "dataset.train_size", "dataset.test_size"):
+        _positive_int(cfg, key)
+    name = cfg.dataset.name
+    if name in TORCHVISION:
+        _, _, _, _, shape, classes = TORCHVISION[name]
+        if list(_get(cfg, "dataset.image_shape") or shape) != list(shape):
+            _fail("dataset.image_shape", _get(cfg, "dataset.image_shape"), f"{name} is {shape}")
+        if (_get(cfg, "dataset.num_classes") or classes) != classes:
+            _fail("dataset.num_classes", _get(cfg, "dataset.num_classes"), f"{name} has {classes}")
+    else:
+        _positive_int(cfg, "dataset.size", optional=False)
+        _positive_int(cfg, "dataset.num_classes", optional=False)
+    public = _get(cfg, "dataset.public_size") or 0
+    dm_kwargs = {
+        k: v
+        for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items()
+        if k != "_target_"
+    }
+    dm = DataModule(**dm_kwargs)
+    full = dm._full_sizes[0]
+    if isinstance(public, bool) or not isinstance(public, int) or not 0 <= public < full:
+        _fail("dataset.public_size", public, f"an integer in [0, {full})")
+    if cfg.dataset.batch_size > dm.num_private:
+        _fail(
+            "dataset.batch_size",
+            cfg.dataset.batch_size,
+            f"at most the private training set size {dm.num_private}",
+        )
+    return dm
+
+
+def validate_privacy(cfg: DictConfig, num_private: int) -> None:
+    if not _get(cfg, "privacy.enabled"):
+        return
+    eps = _number(cfg, "privacy.epsilon")
+    sigma = _number(cfg, "privacy.noise_multiplier")
+    if eps is None and sigma is None:
+        _fail("privacy.epsilon", None, "set epsilon (> 0) or privacy.noise_multiplier")
+    if eps is not None and not 0 < eps < math.inf:
+        _fail("privacy.epsilon", eps, "a finite number > 0")
+    if sigma is not None and sigma < 0:
+        _fail("privacy.noise_multiplier", sigma, "a number >= 0, or null to calibrate from epsilon")
+    if sigma == 0 and not _get(cfg, "audit.allow_no_noise"):
+        _fail("privacy.noise_multiplier", sigma, "> 0 (0 only for audits, audit.allow_no_noise)")
+    delta = _number(cfg, "privacy.delta")
+    if delta is None or not 0 < delta < 1:
+        _fail("privacy.delta", delta, "a number in (0, 1)")
+    if delta >= 1 / num_private and not _get(cfg, "privacy.allow_large_delta"):
+        _fail(
+            "privacy.delta",
+            delta,
+            f"must be < 1/N = {1 / num_private:.3g} (N={num_private}); "
+            "set privacy.allow_large_delta=true to override",
+        )
+    clip = _number(cfg, "privacy.max_grad_norm")
+    if clip is None or not 0 < clip < math.inf:
+        _fail("privacy.max_grad_norm", clip, "a finite number > 0")
+    _choice(cfg, "privacy.accountant", ACCOUNTANTS)
+    _choice(cfg, "clipping.mode", MODES)
+    if _get(cfg, "trainer.gradient_clip_val") is not None:
+        _fail(
+            "trainer.gradient_clip_val",
+            _get(cfg, "trainer.gradient_clip_val"),
+            "must be null under DP: Lightning's clipping is not per-sample clipping "
+            "(use privacy.max_grad_norm)",
+        )
+
+
+def validate_trainer(cfg: DictConfig) -> None:
+    epochs, steps = _get(cfg, "trainer.max_epochs"), _get(cfg, "trainer.max_steps")
+    if not ((isinstance(epochs, int) and epochs > 0) or (isinstance(steps, int) and steps > 0)):
+        _fail("trainer.max_epochs", epochs, "a positive integer (or set trainer.max_steps > 0)")
+
+
+def validate_checkpoint(cfg: DictConfig) -> None:
+    path = _get(cfg, "ckpt_path")
+    if path is None:
+        return
+    if not Path(path).is_file():
+        _fail("ckpt_path", path, "an existing Lightning checkpoint file")
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        _fail("ckpt_path", path, f"a readable checkpoint ({type(exc).__name__}: corrupt file?)")
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        _fail("ckpt_path", path, "a Lightning checkpoint (no state_dict in the file)")
+
+
+def validate(cfg: DictConfig) -> DataModule:
+    """Validate ``cfg``; return the (unloaded) data module it describes."""
+    seed = _get(cfg, "seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        _fail("seed", seed, "an integer >= 0")
+    _choice(cfg, "model.name", tuple(BUILDERS))
+    dm = validate_dataset(cfg)
+    validate_privacy(cfg, dm.num_private)
+    validate_trainer(cfg)
+    validate_checkpoint(cfg)
+    dm.locate()  # a missing dataset fails here, with one line saying what to do
+    return dm
