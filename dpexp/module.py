@@ -3,13 +3,14 @@ gradient of each batch comes from ``gradient_step``, which the privacy callback 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dpexp.methods.base import Method
 from dpexp.privacy.step import GradientStep
 
 
@@ -18,10 +19,12 @@ class Classifier(L.LightningModule):
         self,
         model: nn.Module,
         optimizer: Callable[..., torch.optim.Optimizer],
+        methods: Sequence[Method] = (),
     ) -> None:
         super().__init__()
         self.model = model
         self.optimizer_factory = optimizer
+        self.methods = list(methods)
         self.automatic_optimization = False  # the gradient step drives the optimizer
         self.gradient_step: GradientStep = GradientStep(model)
 
@@ -54,6 +57,9 @@ class Classifier(L.LightningModule):
         self._evaluate(batch, "test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        for method in self.methods:
+            if (params := method.optimizer_parameters(self.model)) is not None:
+                return self.optimizer_factory(params=params)
         return self.optimizer_factory(
             params=[p for p in self.model.parameters() if p.requires_grad]
         )

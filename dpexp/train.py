@@ -50,7 +50,7 @@ def build(cfg: DictConfig, output_dir: Path):
         methods=methods,
         seed=cfg.seed,
     )
-    module = Classifier(model, instantiate(cfg.optimizer))
+    module = Classifier(model, instantiate(cfg.optimizer), methods)
     callbacks = [*methods, privacy, *[instantiate(c) for c in (cfg.callbacks or {}).values()]]
     loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

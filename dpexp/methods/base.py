@@ -45,6 +45,11 @@ class Method(L.Callback):
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Called right after ``optimizer.step()`` (accept/reject, restore frozen state)."""
 
+    def optimizer_parameters(self, model: nn.Module) -> list[nn.Parameter] | None:
+        """Parameters the optimizer updates, if not the trainable ones (e.g. RGP clips its
+        carriers but updates the full weights through ``transform_update``)."""
+        return None
+
     def privacy_mechanisms(self) -> list[Mechanism]:
         """Extra (noise_multiplier, sample_rate) mechanisms run once per step on private data."""
         return []

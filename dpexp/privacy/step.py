@@ -133,15 +133,16 @@ class GradientStep:
             grads, stats = self.plain_gradient(x, y, weights)
         for method in self.methods:
             grads = method.transform_update(grads)
-        for n, p in trainable_parameters(self.model):
-            p.grad = grads[n]
+        named = dict(self.model.named_parameters())  # an update may name any parameter
+        for n, g in grads.items():
+            named[n].grad = g
         for method in self.methods:
             method.before_optimizer_step(optimizer)
         (optimizer_step or optimizer.step)()
         for method in self.methods:
             method.after_optimizer_step(optimizer)
-        for _, p in trainable_parameters(self.model):
-            p.grad = None
+        for n in grads:
+            named[n].grad = None
         self.steps += 1
         if self.private:
             self.ledger.record(self.mechanisms())
