@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from dpexp.errors import UserError
-from dpexp.methods.base import Method
+from dpexp.methods import build_methods
 from dpexp.module import Classifier
 from dpexp.privacy import PrivacyCallback
 from dpexp.results import RESULT_FILE, config_hash, git_sha, read_result, write_json_atomic
@@ -27,11 +27,6 @@ from dpexp.validate import validate
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 log = logging.getLogger(__name__)
-
-
-def build_methods(cfg: DictConfig) -> list[Method]:
-    callbacks = cfg.method.get("callbacks") or {}
-    return [instantiate(node) for node in callbacks.values()]
 
 
 def build(cfg: DictConfig, output_dir: Path):

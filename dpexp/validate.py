@@ -16,6 +16,7 @@ from dpexp.accounting import ACCOUNTANTS
 from dpexp.clipping import MODES
 from dpexp.data import DATASETS, TORCHVISION, DataModule
 from dpexp.errors import ConfigError
+from dpexp.methods import build_methods
 from dpexp.models import BUILDERS
 
 
@@ -154,5 +155,6 @@ def validate(cfg: DictConfig) -> DataModule:
     validate_privacy(cfg, dm.num_private)
     validate_trainer(cfg)
     validate_checkpoint(cfg)
+    build_methods(cfg)  # method constructors raise ConfigError on bad options
     dm.locate()  # a missing dataset fails here, with one line saying what to do
     return dm
