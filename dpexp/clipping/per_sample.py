@@ -27,6 +27,8 @@ class OpacusPerSampleEngine(MaterializingEngine):
     def per_sample_gradients(self, inputs, targets):
         params = trainable_parameters(self.model)
         saved = [p.grad for _, p in params]
+        for _, p in params:
+            p.grad = None  # backward accumulates in place: keep the caller's tensors intact
         loss = self.loss_fn(self.model(inputs), targets)
         loss.backward()
         per_sample = {n: p.grad_sample for n, p in params}

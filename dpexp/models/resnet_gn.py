@@ -34,5 +34,7 @@ def resnet18_gn(image_shape=(3, 32, 32), num_classes: int = 10, groups: int = 32
         )
     if max(image_shape[1:]) <= 64:
         model.maxpool = nn.Identity()
-    model.relu = nn.ReLU(inplace=False)
+    for module in model.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
     return model
