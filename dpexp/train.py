@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,15 @@ from dpexp.validate import validate
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 log = logging.getLogger(__name__)
+
+# Known, harmless library warnings that would otherwise bury the progress bar.
+for message in (
+    "Full backward hook is firing when gradients are computed with respect to module outputs",
+    "Optimal order is the largest alpha",
+    ".*isinstance.treespec, LeafSpec. is deprecated",
+    "The number of training batches .* is smaller than the logging interval",
+):
+    warnings.filterwarnings("ignore", message=message)
 
 
 def build(cfg: DictConfig, output_dir: Path):
