@@ -14,11 +14,19 @@ from dpexp.clipping.base import (
     summed_cross_entropy,
     trainable_parameters,
 )
+from dpexp.clipping.fast import AutoEngine, BookKeepingEngine, GhostEngine, MixedGhostEngine
 from dpexp.clipping.per_sample import FunctorchEngine, OpacusPerSampleEngine
 
 ENGINES: dict[str, type[ClippingEngine]] = {
-    OpacusPerSampleEngine.mode: OpacusPerSampleEngine,
-    FunctorchEngine.mode: FunctorchEngine,
+    engine.mode: engine
+    for engine in (
+        OpacusPerSampleEngine,
+        FunctorchEngine,
+        GhostEngine,
+        MixedGhostEngine,
+        BookKeepingEngine,
+        AutoEngine,
+    )
 }
 MODES = tuple(ENGINES)
 

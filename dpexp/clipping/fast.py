@@ -1,0 +1,242 @@
+"""Fast clipping engines built on the tape (recorded inputs and output gradients).
+
+- ``bk``: one backward (book-keeping). Norms by the seed's mixed rule, then the clipped sum
+  Σ_i c_i g_i from the recorded inputs and the c-scaled output gradients: no second backward.
+- ``auto``: ``bk`` with, per layer and input shape, the cheapest exact choice
+  (:func:`~dpexp.clipping.layers.cheapest_rule`).
+- ``mixed_ghost``: the seed's two passes (Bu, Mao, Xu 2022): norms by the mixed rule in a first
+  backward, then a second backward of the reweighted loss Σ_i c_i·loss_i.
+- ``ghost``: two passes with the ghost norm wherever one exists (Linear, Conv, Embedding
+  weights); other parameters are instantiated.
+
+Per-parameter coordinate weights w force instantiation of that parameter (‖w ⊙ g_i‖ needs it);
+its sum is Σ_i c_i (w ⊙ g_i).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch.autograd.graph import get_gradient_edge
+
+from dpexp.clipping.base import ClippingEngine, clip_factors, trainable_parameters
+from dpexp.clipping.layers import Dims, cheapest_rule, mixed_rule
+from dpexp.clipping.tape import Layer, Tape, generic_per_sample
+
+log = logging.getLogger(__name__)
+
+
+def _per_sample_view(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return c.view(-1, *[1] * (like.dim() - 1))
+
+
+class FastEngine(ClippingEngine):
+    """Shared pipeline: forward with the tape, backward to the recorded output edges, per-layer
+    norms (ghost or instantiated), then the clipped sum in one or two passes."""
+
+    rule: Callable[[Dims], bool] = staticmethod(mixed_rule)
+    two_pass = False
+
+    def attach(self) -> None:
+        self.tape = Tape(self.model)
+        self.tape.attach()
+        self._decisions: dict[tuple, bool] = {}
+        self._probed: set[tuple] = set()
+        super().attach()
+
+    def detach(self) -> None:
+        self.tape.detach()
+        super().detach()
+
+    # -- decisions -------------------------------------------------------------------
+    def _ghost(self, layer: Layer, local: str, x: torch.Tensor, g: torch.Tensor) -> bool:
+        """Per layer, parameter and input shape: ghost norm (True) or instantiate; logged once."""
+        key = (layer.name, local, tuple(x.shape[1:]))
+        if key not in self._decisions:
+            dims = layer.math.dims(layer.module, x, g)
+            choice = dims is not None and type(self).rule(dims)
+            self._decisions[key] = choice
+            log.info(
+                "clipping=%s: %s.%s input %s %s → %s",
+                self.mode,
+                layer.where,
+                local,
+                tuple(x.shape[1:]),
+                dims,
+                "ghost norm" if choice else "instantiate",
+            )
+        return self._decisions[key]
+
+    # -- broadcast parameters are checked once per input shape ---------------------------
+    def _probe_broadcasts(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """Row j of an expanded parameter must get exactly zero gradient from sample i ≠ j;
+        a parameter that fails is handed to the generic (torch.func) path."""
+        key = tuple(inputs.shape[1:])
+        if not self.tape.broadcasts or key in self._probed:
+            return
+        self._probed.add(key)
+        x = inputs[:1].repeat(2, *[1] * (inputs.dim() - 1))
+        y = targets[:1].repeat(2, *[1] * (targets.dim() - 1))
+        self.tape.start(2)
+        try:
+            out = self.model(x)
+        finally:
+            self.tape.stop()
+        for b in list(self.tape.broadcasts):
+            edges = [e for local in b.params for e in b.edges[local]]
+            leaks = False
+            for i in (0, 1):
+                loss_i = self.loss_fn(out[i : i + 1], y[i : i + 1])
+                grads = torch.autograd.grad(loss_i, edges, retain_graph=True, allow_unused=True)
+                leaks |= any(g is not None and bool(g[1 - i].ne(0).any()) for g in grads)
+            if leaks:
+                log.warning(
+                    "%s: parameters %s mix samples when expanded; using torch.func instead",
+                    b.name or "<root>",
+                    sorted(b.params),
+                )
+                self.tape.demote(b)
+
+    # -- the step ------------------------------------------------------------------------
+    def clipped_sum(self, inputs, targets, max_grad_norm, weights=None):
+        params = dict(trainable_parameters(self.model))
+        if len(inputs) == 0:
+            empty = inputs.new_zeros(0)
+            return {n: torch.zeros_like(p) for n, p in params.items()}, empty, empty.sum()
+        self._probe_broadcasts(inputs, targets)
+        tape, weights = self.tape, weights or {}
+        tape.start(len(inputs))
+        try:
+            out = self.model(inputs)
+        finally:
+            tape.stop()
+        loss = self.loss_fn(out, targets)
+        edges = [call.edge for layer in tape.layers for call in layer.calls]
+        edges += [e for b in tape.broadcasts for es in b.edges.values() for e in es]
+        if self.two_pass:
+            edges.append(get_gradient_edge(out))
+        grads = list(
+            torch.autograd.grad(loss, edges, allow_unused=True, retain_graph=self.two_pass)
+        )
+        out_grad = grads.pop() if self.two_pass else None
+
+        sq = torch.zeros(len(inputs), dtype=out.dtype, device=out.device)
+        pending: list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = []
+        position = 0
+        for layer in tape.layers:
+            calls = [
+                (call, g)
+                for call, g in zip(layer.calls, grads[position:], strict=False)
+                if g is not None
+            ]
+            position += len(layer.calls)
+            for call, _ in calls:
+                call.check_unchanged(layer.where)
+            sq += self._layer(layer, calls, weights, pending)
+        for b in tape.broadcasts:
+            for local, full in b.params.items():
+                count = len(b.edges[local])
+                rows = [g for g in grads[position : position + count] if g is not None]
+                position += count
+                if rows:
+                    per = torch.stack(rows).sum(0).unsqueeze(1)
+                    sq += self._instantiated(per, weights.get(full), full, pending)
+
+        norms = sq.sqrt()
+        factors = clip_factors(norms, max_grad_norm)
+        if self.two_pass:
+            sums = self._second_pass(out, out_grad, factors, params, weights)
+        else:
+            sums = {n: fn(factors) for n, fn in pending}
+        sums = {n: sums[n] if n in sums else torch.zeros_like(p) for n, p in params.items()}
+        return sums, norms.detach(), loss.detach()
+
+    def _layer(self, layer: Layer, calls, weights, pending) -> torch.Tensor:
+        """Per-sample squared norms of ``layer``'s parameters; queues their clipped sums."""
+        sq = 0
+        if not calls:
+            return sq
+        if layer.math is None:
+            per_call = [generic_per_sample(layer, call, g, self.tape) for call, g in calls]
+            for local, full in layer.params.items():
+                per = sum(grads[local] for grads in per_call)
+                sq = sq + self._instantiated(per, weights.get(full), full, pending)
+            return sq
+        layer_math, module = layer.math, layer.module
+        for local, full in layer.params.items():
+            weight = weights.get(full)
+            (call, g), single = calls[0], len(calls) == 1
+            if (
+                single
+                and weight is None
+                and local in layer_math.ghost_params
+                and self._ghost(layer, local, call.x, g)
+            ):
+                sq = sq + layer_math.ghost_sq_norm(module, call.x, g)
+                if not self.two_pass:
+                    pending.append((full, _ghost_sum(layer, local, call.x, g)))
+                continue
+            per = sum(layer_math.per_sample(module, c.x, g_c, local) for c, g_c in calls)
+            sq = sq + self._instantiated(per, weight, full, pending)
+        return sq
+
+    def _instantiated(self, per, weight, full, pending) -> torch.Tensor:
+        if weight is not None:
+            per = per * weight
+        if not self.two_pass:
+            pending.append((full, lambda c, per=per: torch.tensordot(c, per, dims=1)))
+        return per.flatten(1).pow(2).sum(1)
+
+    def _second_pass(self, out, out_grad, factors, params, weights):
+        """Backward of Σ_i c_i·loss_i: the loss of sample i depends on output row i only."""
+        if out_grad is None:
+            return {}
+        names = list(params)
+        grads = torch.autograd.grad(
+            out,
+            [params[n] for n in names],
+            grad_outputs=out_grad * _per_sample_view(factors, out_grad),
+            allow_unused=True,
+        )
+        sums = {}
+        for n, g in zip(names, grads, strict=True):
+            if g is not None:
+                sums[n] = g * weights[n] if n in weights else g
+        return sums
+
+
+def _ghost_sum(layer: Layer, local: str, x: torch.Tensor, g: torch.Tensor):
+    def clipped(c: torch.Tensor) -> torch.Tensor:
+        return layer.math.summed(layer.module, x, g * _per_sample_view(c, g), local)
+
+    return clipped
+
+
+class BookKeepingEngine(FastEngine):
+    """One backward; mixed rule per layer; clipped sum from recorded tensors."""
+
+    mode = "bk"
+
+
+class AutoEngine(FastEngine):
+    """One backward; per layer the cheapest exact choice."""
+
+    mode = "auto"
+    rule = staticmethod(cheapest_rule)
+
+
+class MixedGhostEngine(FastEngine):
+    """The seed's two-pass mixed ghost clipping."""
+
+    mode = "mixed_ghost"
+    two_pass = True
+
+
+class GhostEngine(FastEngine):
+    """Two passes, ghost norms wherever they exist (Linear, Conv, Embedding weights)."""
+
+    mode = "ghost"
+    two_pass = True
+    rule = staticmethod(lambda dims: True)
