@@ -19,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from dpexp import sweep, tracking
 from dpexp.errors import UserError
 from dpexp.methods import build_methods
 from dpexp.module import Classifier
@@ -81,6 +82,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     start = time.perf_counter()
     datamodule, module, privacy, methods, trainer = build(cfg, output_dir)
+    tracking.log_config(trainer.loggers, cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     test = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     model = module.model
@@ -105,6 +107,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     }
     for method in methods:
         result.update(method.result_fields())
+    tracking.log_result(trainer.loggers, result, step=trainer.global_step)
     write_json_atomic(output_dir / RESULT_FILE, result)
     return result
 
@@ -121,14 +124,23 @@ def summary_line(result: dict[str, Any]) -> str:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def hydra_main(cfg: DictConfig) -> float | None:
     output_dir = Path(HydraConfig.get().runtime.output_dir)
+    # In a multirun a finished job is skipped (its result reused), so an interrupted sweep
+    # resumes by re-running it; a single run still refuses to overwrite a finished one.
+    finished = None
     try:
-        result = run(cfg, output_dir)
+        if sweep.in_multirun():
+            sweep.check_strategy(cfg)
+            overrides = list(HydraConfig.get().overrides.task)
+            finished = sweep.prepare_job(cfg, output_dir, overrides)
+        result = finished or run(cfg, output_dir)
     except UserError as exc:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"dpexp: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    print(f"run dir: {output_dir}")
+    finally:
+        tracking.finish_wandb()  # multirun jobs sharing a process must not share a W&B run
+    print(f"{'skipped, already complete' if finished else 'run dir'}: {output_dir}")
     print(summary_line(result))
     return result["test_acc"]
 

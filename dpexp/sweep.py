@@ -1,0 +1,162 @@
+"""Multirun jobs: deterministic directories, skipping finished jobs, clean restarts of killed ones.
+
+A sweep directory is ``multirun/<task_name>`` (plus a timestamp only with ``sweep_stamp=true``)
+and each job's directory is named from its overrides, so re-running the same command finds the
+same job directories. :func:`prepare_job` then returns the result of a finished job instead of
+training it again, and readies the directory of an unfinished one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from dpexp.errors import ConfigError, UserError
+from dpexp.results import read_result, write_json_atomic
+
+# Written when a multirun job starts: what the job is, so a later re-run can tell whether a
+# finished result in this directory belongs to the same configuration.
+JOB_FILE = "job.json"
+# Left behind by a killed job; removed before it trains again from scratch.
+PARTIAL_ARTIFACTS = ("checkpoints", "csv", "tensorboard", "wandb")
+# Keys that change how a job is run or logged but not what it computes.
+NOT_IDENTITY = (
+    "logger",
+    "callbacks",
+    "resume",
+    "ckpt_path",
+    "sweep_stamp",
+    "task_name",
+    "trainer.enable_progress_bar",
+)
+# Job directory names stay well below the 255-byte limit of common file systems.
+MAX_DIRNAME = 160
+_UNSAFE = re.compile(r"[^A-Za-z0-9._,=+~-]")
+
+
+def sweep_stamp(enabled: bool, now: str) -> str:
+    """Suffix of the sweep directory: ``/<now>`` when ``sweep_stamp=true``, else nothing."""
+    return f"/{now}" if enabled else ""
+
+
+def job_dirname(override_dirname: str) -> str:
+    """A file-system- and shell-safe directory name from Hydra's ``override_dirname``.
+
+    Characters outside ``[A-Za-z0-9._,=+~-]`` become ``_``; names too long are truncated and
+    suffixed with a hash of the full text, so distinct jobs keep distinct directories."""
+    name = _UNSAFE.sub("_", override_dirname) or "defaults"
+    if len(name) > MAX_DIRNAME:
+        digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:12]
+        name = f"{name[: MAX_DIRNAME - 13]}-{digest}"
+    return name
+
+
+def register_resolvers() -> None:
+    """Resolvers used by conf/hydra/default.yaml (idempotent)."""
+    for name, fn in (("dpexp.stamp", sweep_stamp), ("dpexp.dirname", job_dirname)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+register_resolvers()
+
+
+def in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def identity(cfg: DictConfig) -> dict[str, Any]:
+    """The part of the config that decides what a job computes (unresolved, no paths)."""
+    container = OmegaConf.to_container(cfg, resolve=False)
+    container.pop("paths", None)
+    for key in NOT_IDENTITY:
+        *parents, leaf = key.split(".")
+        node = container
+        for parent in parents:
+            node = node.get(parent) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return container
+
+
+def identity_hash(cfg: DictConfig) -> str:
+    text = json.dumps(identity(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def read_job(job_dir: Path) -> dict[str, Any] | None:
+    """The job record written when the job started, or None."""
+    try:
+        return json.loads((Path(job_dir) / JOB_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def prepare_job(cfg: DictConfig, job_dir: Path, overrides: list[str]) -> dict[str, Any] | None:
+    """Called for each multirun job before training.
+
+    Returns the job's result when ``result.json`` is complete (the job is skipped). Otherwise
+    the job runs: unless ``resume=true`` (which continues from ``checkpoints/last.ckpt``), the
+    leftovers of a killed attempt are removed so it starts from scratch. Raises
+    :class:`UserError` when the finished result was produced by a different configuration."""
+    job_dir = Path(job_dir)
+    wanted = identity_hash(cfg)
+    recorded = (read_job(job_dir) or {}).get("identity_hash")
+    result = read_result(job_dir)
+    if result is not None:
+        if recorded not in (None, wanted):
+            raise UserError(
+                f"{job_dir}: finished with a different configuration (identity {recorded}, "
+                f"now {wanted}); start a fresh sweep with sweep_stamp=true or task_name=<new>"
+            )
+        return result
+    same_job = recorded in (None, wanted)
+    if not (cfg.get("resume") and same_job):
+        for name in PARTIAL_ARTIFACTS:
+            shutil.rmtree(job_dir / name, ignore_errors=True)
+    write_json_atomic(
+        job_dir / JOB_FILE,
+        {
+            "identity_hash": wanted,
+            "overrides": list(overrides),
+            "config": OmegaConf.to_container(cfg, resolve=False),
+        },
+    )
+    return None
+
+
+def _is_multi_device(devices: Any) -> bool:
+    """Lightning's ``devices``: an int (-1 = all), a list of ids, or a string of either."""
+    if isinstance(devices, str):
+        text = devices.strip().strip(",")
+        if "," in text:
+            return True
+        devices = int(text) if text.lstrip("-").isdigit() else 1  # "auto": one device or unknown
+    if isinstance(devices, int):
+        return devices == -1 or devices > 1
+    return devices is not None and len(devices) > 1
+
+
+def check_strategy(cfg: DictConfig) -> None:
+    """Inside a multirun, a multi-device Lightning job must start its workers by spawn/fork.
+
+    Lightning's default ``ddp`` re-executes the command line for every extra rank; under
+    ``-m`` that command is the whole sweep, so each rank would launch the sweep again."""
+    trainer = cfg.get("trainer") or {}
+    strategy = trainer.get("strategy", "auto")
+    if not _is_multi_device(trainer.get("devices", 1)) or not isinstance(strategy, str):
+        return
+    if "spawn" not in strategy and "fork" not in strategy:
+        raise ConfigError(
+            f"trainer.strategy={strategy!r} is invalid: with trainer.devices="
+            f"{trainer.get('devices')} inside a multirun use a spawn strategy "
+            "(trainer=ddp_spawn, or trainer.strategy=ddp_spawn)"
+        )
