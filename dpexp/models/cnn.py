@@ -14,24 +14,25 @@ def _flat_features(features: nn.Module, image_shape: tuple[int, ...]) -> int:
 
 class CNNTanh(nn.Module):
     """MNIST CNN: conv 16@8×8 s2 p2, tanh, maxpool 2 s1, conv 32@4×4 s2, tanh, maxpool 2 s1,
-    fc →32, tanh, fc 32→classes (fc 512→32 on 28×28 inputs)."""
+    fc →32, tanh, fc 32→classes (fc 512→32 on 28×28 inputs). ``width`` multiplies the
+    channels and the hidden units (16·w, 32·w, 32·w)."""
 
-    def __init__(self, image_shape=(1, 28, 28), num_classes: int = 10) -> None:
+    def __init__(self, image_shape=(1, 28, 28), num_classes: int = 10, width: int = 1) -> None:
         super().__init__()
         image_shape = tuple(image_shape)
         self.features = nn.Sequential(
-            nn.Conv2d(image_shape[0], 16, 8, stride=2, padding=2),
+            nn.Conv2d(image_shape[0], 16 * width, 8, stride=2, padding=2),
             nn.Tanh(),
             nn.MaxPool2d(2, stride=1),
-            nn.Conv2d(16, 32, 4, stride=2),
+            nn.Conv2d(16 * width, 32 * width, 4, stride=2),
             nn.Tanh(),
             nn.MaxPool2d(2, stride=1),
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(_flat_features(self.features, image_shape), 32),
+            nn.Linear(_flat_features(self.features, image_shape), 32 * width),
             nn.Tanh(),
-            nn.Linear(32, num_classes),
+            nn.Linear(32 * width, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
