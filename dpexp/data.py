@@ -118,15 +118,27 @@ class PoissonBatchSampler(Sampler[torch.Tensor]):
 
     Batch sizes vary (Binomial(N, q)) and may be empty; this is the sampling the
     subsampled-Gaussian accountants assume. The generator's state is checkpointed.
+
+    With ``world_size`` > 1 processes, every process draws the same global Poisson batch
+    (same generator state everywhere) and keeps the examples with ``index % world_size ==
+    rank``: the union over processes is exactly one Poisson batch of rate q over all N.
     """
 
     def __init__(
-        self, num_samples: int, sample_rate: float, steps: int, generator: torch.Generator
+        self,
+        num_samples: int,
+        sample_rate: float,
+        steps: int,
+        generator: torch.Generator,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.num_samples = num_samples
         self.sample_rate = sample_rate
         self.steps = steps
         self.generator = generator
+        self.rank = rank
+        self.world_size = world_size
 
     def __len__(self) -> int:
         return self.steps
@@ -134,7 +146,8 @@ class PoissonBatchSampler(Sampler[torch.Tensor]):
     def __iter__(self) -> Iterator[torch.Tensor]:
         for _ in range(self.steps):
             mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
-            yield mask.nonzero().flatten()
+            indices = mask.nonzero().flatten()
+            yield indices[indices % self.world_size == self.rank]
 
 
 class DataModule(L.LightningDataModule):
@@ -222,8 +235,14 @@ class DataModule(L.LightningDataModule):
         self.test = TensorData(xt[:m], yt[:m])
 
     def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer  # None outside a Trainer; under DDP, this process's rank
         sampler = PoissonBatchSampler(
-            len(self.train), self.sample_rate, self.steps_per_epoch, self.sampler_generator
+            len(self.train),
+            self.sample_rate,
+            self.steps_per_epoch,
+            self.sampler_generator,
+            rank=trainer.global_rank if trainer else 0,
+            world_size=trainer.world_size if trainer else 1,
         )
         return DataLoader(self.train, sampler=sampler, batch_size=None)
 

@@ -9,15 +9,33 @@ gradient of the batch, unclipped, through the same method hooks and optimizer.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from dpexp.accounting import Ledger
-from dpexp.clipping import ClippingEngine, trainable_parameters
+from dpexp.clipping import ClippingEngine, clip_materialized, trainable_parameters
 from dpexp.methods.base import Method
+
+# Per-sample gradients of extra examples for one step (B_extra × param shape, by name).
+InjectedGradients = Callable[[int], Iterable[dict[str, torch.Tensor]]]
+
+
+def world_size() -> int:
+    """Processes sharing each logical batch (1 unless torch.distributed is initialised)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_sum(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sum each tensor over all processes, in one flat collective."""
+    names = list(tensors)
+    flat = torch.cat([tensors[n].reshape(-1) for n in names])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    parts = flat.split([tensors[n].numel() for n in names])
+    return {n: part.view_as(tensors[n]) for n, part in zip(names, parts, strict=True)}
 
 
 def merge_weights(methods: Sequence[Method], step: int) -> dict[str, torch.Tensor] | None:
@@ -59,6 +77,8 @@ class GradientStep:
         self.noise_generator = noise_generator
         self.max_steps = max_steps
         self.steps = 0
+        # Privacy audits set this: gradient canaries clipped and noised with the batch.
+        self.injected_gradients: InjectedGradients | None = None
 
     @property
     def private(self) -> bool:
@@ -90,14 +110,23 @@ class GradientStep:
                 sums[n] += g
             norms.append(chunk_norms.detach())
             loss = loss + chunk_loss.detach().cpu()
+        for per_sample in self.injected_gradients(self.steps) if self.injected_gradients else ():
+            for n, g in clip_materialized(per_sample, self.max_grad_norm, weights)[0].items():
+                sums[n] += g
         std = self.noise_multiplier * self.max_grad_norm
-        for n, p in params:
+        # Across processes each one clips its share; one process draws the noise of the
+        # whole logical batch, so the summed gradient gets N(0, σ²C²) once, not once per rank.
+        draws_noise = world_size() == 1 or dist.get_rank() == 0
+        for n, p in params if draws_noise else ():
             noise = torch.normal(
                 0.0, std, p.shape, generator=self.noise_generator, device=p.device, dtype=p.dtype
             )
             if weights is not None and n in weights:
                 noise = noise * (weights[n] != 0)  # a dropped coordinate gets no noise
-            sums[n] = (sums[n] + noise) / self.expected_batch_size
+            sums[n] = sums[n] + noise
+        if world_size() > 1:
+            sums = all_reduce_sum(sums)
+        sums = {n: s / self.expected_batch_size for n, s in sums.items()}
         norms = torch.cat(norms) if norms else torch.zeros(0)
         stats = {"loss": loss / max(len(y), 1), "batch_size": len(y)}
         if len(norms):
@@ -107,6 +136,8 @@ class GradientStep:
 
     def plain_gradient(self, x, y, weights) -> tuple[dict[str, torch.Tensor], dict]:
         params = trainable_parameters(self.model)
+        if world_size() > 1:  # every rank joins the collective, even with an empty batch
+            return self._plain_gradient_across_processes(x, y, weights, params)
         if len(y) == 0:
             return {n: torch.zeros_like(p) for n, p in params}, {"batch_size": 0}
         loss = F.cross_entropy(self.model(x), y)
@@ -115,6 +146,21 @@ class GradientStep:
         if weights is not None:
             grads = {n: g * weights[n] if n in weights else g for n, g in grads.items()}
         return grads, {"loss": loss.detach(), "batch_size": len(y)}
+
+    def _plain_gradient_across_processes(self, x, y, weights, params):
+        """The mean gradient of the global batch: per-rank sums, all-reduced, ÷ global size."""
+        grads = {n: torch.zeros_like(p) for n, p in params}
+        loss = torch.zeros((), device=grads[params[0][0]].device)
+        if len(y):
+            loss = F.cross_entropy(self.model(x), y, reduction="sum")
+            summed = torch.autograd.grad(loss, [p for _, p in params])
+            grads = {n: g for (n, _), g in zip(params, summed, strict=True)}
+        count = torch.tensor(float(len(y)), device=loss.device)
+        dist.all_reduce(count, op=dist.ReduceOp.SUM)
+        grads = {n: g / count.clamp_min(1.0) for n, g in all_reduce_sum(grads).items()}
+        if weights is not None:
+            grads = {n: g * weights[n] if n in weights else g for n, g in grads.items()}
+        return grads, {"loss": loss.detach() / max(len(y), 1), "batch_size": len(y)}
 
     def __call__(
         self,
