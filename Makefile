@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml
 train: install
 	$(BIN)/python -m dpexp.train $(ARGS)
 
+# Canary audit of the configured method and clipping mode: one JSON line (docs/audit.md).
+audit: install
+	$(BIN)/python -m dpexp.audit $(ARGS)
+
 test: install lint
 	$(BIN)/python -m pytest $(ARGS)
 

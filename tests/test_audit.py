@@ -1,0 +1,194 @@
+"""The canary audit: its ε lower bound (Steinke et al. 2023), the canaries' path through the DP
+step, and tiny audits with noise off (the bound must be high) and on (it must stay ≤ the claim).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hydra.core.global_hydra import GlobalHydra
+from scipy.stats import binom
+from torch import nn
+
+import dpexp.audit
+from dpexp import accounting
+from dpexp.accounting import Ledger
+from dpexp.audit import (
+    GradientCanaries,
+    audit,
+    epsilon_lower_bound,
+    guess_membership,
+    one_run_p_value,
+)
+from dpexp.clipping import make_engine
+from dpexp.errors import ConfigError
+from dpexp.privacy.step import GradientStep
+
+AUDIT = ["+audit=default", "callbacks=none", "privacy.delta=1e-5", "privacy.accountant=rdp"]
+AUDIT += ["trainer.max_epochs=10"]
+
+
+def brute_force_p_value(m: int, r: int, v: int, eps: float, delta: float) -> float:
+    """The theorem's bound written out term by term: max over every i in 1..m."""
+    p = math.exp(eps) / (1 + math.exp(eps))
+    tail = [sum(binom.pmf(k, r, p) for k in range(max(t, 0), r + 1)) for t in range(v + 1)]
+    beta = tail[v]
+    alpha = max((tail[max(v - i, 0)] - beta) / i for i in range(1, m + 1))
+    return min(1.0, beta + 2 * m * delta * alpha)
+
+
+@pytest.mark.parametrize(
+    ("m", "r", "v", "eps", "delta"),
+    [
+        (50, 20, 15, 0.5, 1e-3),
+        (50, 40, 40, 2.0, 1e-2),
+        (30, 30, 12, 0.1, 0.0),
+        (80, 10, 9, 1.0, 1e-4),
+    ],
+)
+def test_p_value_matches_the_theorem_term_by_term(m, r, v, eps, delta):
+    assert one_run_p_value(m, r, v, eps, delta) == pytest.approx(
+        brute_force_p_value(m, r, v, eps, delta), rel=1e-9, abs=1e-15
+    )
+
+
+@pytest.mark.parametrize(("r", "confidence"), [(100, 0.95), (1000, 0.95), (50, 0.99)])
+def test_all_correct_without_delta_has_the_closed_form(r, confidence):
+    # P[Binomial(r, p) = r] = p^r = 1 − confidence  ⇒  ε = log(p / (1 − p))
+    p = (1 - confidence) ** (1 / r)
+    exact = math.log(p / (1 - p))
+    assert epsilon_lower_bound(r, r, r, 0.0, confidence) == pytest.approx(exact, abs=1e-5)
+
+
+def test_bound_sits_where_the_p_value_crosses_the_significance():
+    m, r, v, delta = 1000, 200, 170, 1e-5
+    eps = epsilon_lower_bound(m, r, v, delta, 0.95)
+    assert one_run_p_value(m, r, v, eps, delta) <= 0.05
+    assert one_run_p_value(m, r, v, eps + 1e-4, delta) > 0.05
+    assert 0 < eps < math.log(170 / 30)  # below the point estimate log(v / (r − v))
+
+
+def test_bound_is_monotone_in_evidence_delta_and_confidence():
+    by_correct = [epsilon_lower_bound(500, 100, v, 1e-5, 0.95) for v in range(50, 101, 5)]
+    assert by_correct == sorted(by_correct) and by_correct[0] == 0.0
+    by_delta = [epsilon_lower_bound(500, 100, 95, d, 0.95) for d in (0, 1e-6, 1e-4, 1e-3)]
+    assert by_delta == sorted(by_delta, reverse=True) and by_delta[0] > by_delta[-1]
+    by_confidence = [epsilon_lower_bound(500, 100, 95, 1e-5, c) for c in (0.8, 0.95, 0.999)]
+    assert by_confidence == sorted(by_confidence, reverse=True)
+    by_guesses = [epsilon_lower_bound(1000, r, r, 1e-6, 0.95) for r in (10, 100, 1000)]
+    assert by_guesses == sorted(by_guesses)
+
+
+def test_guesses_use_top_and_bottom_scores_with_bonferroni():
+    included = np.array([True, False] * 50)
+    perfect = guess_membership(included.astype(float), included, [10, 100], 0.0, 0.95)
+    assert (perfect.guesses, perfect.correct) == (100, 100)
+    # two tests, each at significance 0.025
+    assert perfect.epsilon_lower_bound == pytest.approx(
+        epsilon_lower_bound(100, 100, 100, 0.0, 0.975), abs=1e-9
+    )
+    inverted = guess_membership(-included.astype(float), included, [10, 100], 0.0, 0.95)
+    assert inverted.correct == 0 and inverted.epsilon_lower_bound == 0.0
+
+
+def test_canary_is_clipped_to_C_and_moves_only_its_coordinate():
+    """Noise off, one sampled canary of norm 2C: the update is the batch's clipped mean plus
+    exactly C/B on the canary's coordinate (the brute-force clipped sum is the reference)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 4)).double()
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.arange(5) % 4
+    C, B = 0.3, 4.0
+
+    def update(with_canary: bool) -> dict[str, torch.Tensor]:
+        net = nn.Sequential(nn.Flatten(), nn.Linear(6, 4)).double()
+        net.load_state_dict(model.state_dict())
+        step = GradientStep(
+            net,
+            engine=make_engine("per_sample", net),
+            noise_multiplier=0.0,
+            max_grad_norm=C,
+            expected_batch_size=B,
+            sample_rate=0.5,
+            ledger=Ledger(1e-5, "rdp"),
+            noise_generator=torch.Generator().manual_seed(0),
+        )
+        canaries = GradientCanaries(canaries=1, canary_norm=2.0, sample_rate=1.0, seed=0)
+        canaries.included[:] = with_canary
+        canaries.on_fit_start(None, type("M", (), {"gradient_step": step})())
+        before = {n: p.detach().clone() for n, p in net.named_parameters()}
+        with step.engine.attached_to_model():
+            step((x, y), torch.optim.SGD(net.parameters(), lr=1.0))
+        return {n: before[n] - p.detach() for n, p in net.named_parameters()}, canaries
+
+    plain, _ = update(False)
+    with_canary, canaries = update(True)
+    ((name, (_, index)),) = canaries.coordinates.items()
+    diff = torch.cat([(with_canary[n] - plain[n]).flatten() for n in plain])
+    offset = 0 if name == "1.weight" else 24
+    expected = torch.zeros_like(diff)
+    expected[offset + index] = C / B
+    torch.testing.assert_close(diff, expected, rtol=1e-10, atol=1e-15)
+    assert canaries.scores.item() == pytest.approx(with_canary[name].flatten()[index].item())
+
+
+def test_audit_without_noise_finds_a_high_lower_bound(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(
+        *AUDIT,
+        "privacy.noise_multiplier=0",
+        "privacy.epsilon=null",
+        "audit.allow_no_noise=true",
+        "audit.canaries=500",
+    )
+    line = audit(cfg, tmp_path / "run")
+    assert line["epsilon_claimed"] is None  # σ = 0 claims nothing
+    assert line["epsilon_lower_bound"] > 3.5  # every guess right; 500 canaries cap it near 4
+    assert line["correct"] == line["guesses"]
+    assert json.loads((tmp_path / "run" / "audit.json").read_text()) == line
+
+
+@pytest.mark.parametrize("clipping", ["per_sample", "functorch"])
+def test_audit_with_noise_stays_below_the_claim(tiny_cfg, tmp_path, clipping):
+    sigma = ["privacy.noise_multiplier=2.5", "privacy.epsilon=null"]
+    cfg = tiny_cfg(*AUDIT, *sigma, "audit.canaries=500", f"clipping={clipping}")
+    line = audit(cfg, tmp_path / "run")
+    assert line["epsilon_claimed"] == pytest.approx(accounting.epsilon(2.5, 0.25, 40, 1e-5))
+    assert line["epsilon_lower_bound"] <= line["epsilon_claimed"]
+    assert (line["method"], line["clipping"], line["trials"]) == ("dpsgd", clipping, 500)
+    assert line["steps"] == 40
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("audit.canaries=100000", "audit.canaries"),
+        ("privacy=none", "privacy.enabled"),
+        ("audit.guess_fractions=[0,0.5]", "audit.guess_fractions"),
+        ("audit.canary_norm=0.5", "audit.canary_norm"),
+        ("privacy.noise_multiplier=0", "privacy.noise_multiplier"),
+    ],
+)
+def test_bad_audit_options_fail_with_one_line(tiny_cfg, tmp_path, override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        audit(tiny_cfg(*AUDIT, override), tmp_path / "run")
+
+
+def test_cli_prints_one_json_line(tmp_path, monkeypatch, capsys):
+    args = [
+        "dataset=synthetic", "dataset.image_shape=[1,16,16]", "dataset.size=128",
+        "dataset.batch_size=32", "trainer.max_epochs=2", "trainer.enable_progress_bar=false",
+        "logger=none", "callbacks=none", "privacy.delta=1e-5", "privacy.accountant=rdp",
+        "audit.canaries=50", f"hydra.run.dir={tmp_path / 'cli'}",
+    ]  # fmt: skip
+    GlobalHydra.instance().clear()
+    monkeypatch.setattr(sys, "argv", ["dpexp.audit", *args])
+    dpexp.audit.main()  # what `python -m dpexp.audit` runs: adds +audit=default
+    lines = [json.loads(s) for s in capsys.readouterr().out.splitlines() if s.startswith("{")]
+    assert len(lines) == 1
+    keys = {"method", "clipping", "epsilon_claimed", "epsilon_lower_bound", "confidence", "trials"}
+    assert keys <= set(lines[0]) and lines[0]["trials"] == 50
+    assert (tmp_path / "cli" / "audit.json").is_file()
