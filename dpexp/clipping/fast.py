@@ -59,7 +59,7 @@ class FastEngine(ClippingEngine):
             choice = dims is not None and type(self).rule(dims)
             self._decisions[key] = choice
             log.info(
-                "clipping=%s: %s.%s input %s %s → %s",
+                "clipping=%s: %s %s, input %s, %s → %s",
                 self.mode,
                 layer.where,
                 local,
