@@ -247,3 +247,17 @@ def test_epsilon_is_plain_dp_sgd_for_the_same_sigma_q_steps(tiny_cfg, tmp_path):
     result = run(tiny_cfg("method=freeze", "pruning.rate=0.9", *fixed), tmp_path / "run")
     expected = accounting.epsilon(1.2, 0.25, 8, 1e-3, "prv")
     assert result["steps"] == 8 and result["epsilon"] == expected
+
+
+def test_resuming_with_different_masks_is_refused():
+    from dpexp.errors import UserError
+
+    first, other = (
+        Freeze(rate=0.5, scorer="random", seed=0),
+        Freeze(rate=0.5, scorer="random", seed=1),
+    )
+    first.setup_method(tiny_model(), None)
+    other.setup_method(tiny_model(), None)
+    other.load_state_dict(other.state_dict())  # the same masks resume silently
+    with pytest.raises(UserError, match="pruning masks differ"):
+        other.load_state_dict(first.state_dict())

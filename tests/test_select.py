@@ -203,3 +203,19 @@ def test_bad_select_options_are_one_line_config_errors(tiny_cfg):
 def test_select_rejects_invalid_constructor_options_directly():
     with pytest.raises(ConfigError, match=r"select\.rate=-0\.1"):
         Select(rate=-0.1)
+
+
+def test_resumed_freeze_select_run_matches_the_uninterrupted_one(tiny_cfg, tmp_path):
+    method = ["method=freeze_select", "pruning.scorer=random", "select.every=3"]
+    method += ["privacy.noise_multiplier=1.0", "privacy.epsilon=null"]  # same σ for 1 or 2 epochs
+    whole = run(
+        tiny_cfg(*method, "trainer.max_epochs=2", output_dir=tmp_path / "a"), tmp_path / "a"
+    )
+    run(tiny_cfg(*method, "trainer.max_epochs=1", output_dir=tmp_path / "b"), tmp_path / "b")
+    ckpt = f"ckpt_path={tmp_path / 'b' / 'checkpoints' / 'last.ckpt'}"
+    resumed = run(
+        tiny_cfg(*method, "trainer.max_epochs=2", ckpt, output_dir=tmp_path / "c"), tmp_path / "c"
+    )
+    assert resumed["steps"] == whole["steps"] == 8
+    assert resumed["test_loss"] == whole["test_loss"]
+    assert resumed["trainable_fraction"] == whole["trainable_fraction"]
