@@ -13,7 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from dpexp.accounting import ACCOUNTANTS
-from dpexp.clipping import MODES
+from dpexp.clipping import MODES, UnsupportedModelError, check_supported
 from dpexp.data import DATASETS, TORCHVISION, DataModule
 from dpexp.errors import ConfigError
 from dpexp.methods import build_methods
@@ -123,6 +123,19 @@ def validate_privacy(cfg: DictConfig, num_private: int) -> None:
         )
 
 
+def validate_clipping(cfg: DictConfig) -> None:
+    """The chosen clipping mode must handle every trainable parameter of the model: fails
+    before training, naming the module and its type."""
+    if not _get(cfg, "privacy.enabled"):
+        return
+    from hydra.utils import instantiate
+
+    try:
+        check_supported(instantiate(cfg.model), cfg.clipping.mode)
+    except UnsupportedModelError as exc:
+        _fail("clipping.mode", cfg.clipping.mode, f"{exc} (try clipping=functorch or auto)")
+
+
 def validate_trainer(cfg: DictConfig) -> None:
     epochs, steps = _get(cfg, "trainer.max_epochs"), _get(cfg, "trainer.max_steps")
     if not ((isinstance(epochs, int) and epochs > 0) or (isinstance(steps, int) and steps > 0)):
@@ -153,6 +166,7 @@ def validate(cfg: DictConfig) -> DataModule:
     _choice(cfg, "model.name", tuple(BUILDERS))
     dm = validate_dataset(cfg)
     validate_privacy(cfg, dm.num_private)
+    validate_clipping(cfg)
     validate_trainer(cfg)
     validate_checkpoint(cfg)
     build_methods(cfg)  # method constructors raise ConfigError on bad options

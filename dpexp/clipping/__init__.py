@@ -16,6 +16,7 @@ from dpexp.clipping.base import (
 )
 from dpexp.clipping.fast import AutoEngine, BookKeepingEngine, GhostEngine, MixedGhostEngine
 from dpexp.clipping.per_sample import FunctorchEngine, OpacusPerSampleEngine
+from dpexp.clipping.tape import UnsupportedModelError
 
 ENGINES: dict[str, type[ClippingEngine]] = {
     engine.mode: engine
@@ -37,6 +38,19 @@ def make_engine(
     if mode not in ENGINES:
         raise ValueError(f"unknown clipping mode {mode!r}; choose one of {MODES}")
     return ENGINES[mode](model, loss_fn)
+
+
+def check_supported(model: nn.Module, mode: str) -> None:
+    """Raise :class:`UnsupportedModelError` (naming the module and its type) if ``mode``
+    cannot clip ``model``'s per-sample gradients; attaches and detaches, nothing else."""
+    engine = make_engine(mode, model)
+    try:
+        engine.attach()
+    except UnsupportedModelError:
+        raise
+    except (NotImplementedError, ValueError) as exc:  # Opacus' refusals
+        raise UnsupportedModelError(f"{type(exc).__name__}: {exc}") from exc
+    engine.detach()
 
 
 def clip_and_sum(
@@ -64,6 +78,8 @@ __all__ = [
     "ENGINES",
     "MODES",
     "ClippingEngine",
+    "UnsupportedModelError",
+    "check_supported",
     "clip_and_sum",
     "clip_factors",
     "clip_materialized",
