@@ -260,7 +260,7 @@ def test_noisy_test_is_composed_into_calibration_ledger_and_budget(tiny_cfg, tmp
         "screen.sigma_v=2.0",
         "screen.val_batch=32",
     )
-    noisy = run(cfg, tmp_path / "noisy")
+    noisy = run(cfg, tmp_path / "run")
     q, q_v, steps = noisy["sample_rate"], 32 / 128, noisy["steps"]
     assert noisy["validation_mechanism"]["sample_rate_v"] == q_v
     history = sorted(map(tuple, noisy["accountant_history"]))
@@ -275,6 +275,10 @@ def test_noisy_test_is_composed_into_calibration_ledger_and_budget(tiny_cfg, tmp
     calibrated = accounting.noise_multiplier(6, q, steps, 1e-3, "rdp", extra_mechanisms=test)
     assert noisy["noise_multiplier"] == calibrated
     assert calibrated > accounting.noise_multiplier(6, q, steps, 1e-3, "rdp")
+    # The screen's counters and RNG stream go into the checkpoint.
+    ckpt = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=False)
+    state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("Screen"))
+    assert (state["candidates"], state["accepted"]) == (steps, noisy["accepted"])
 
 
 def test_checkpointed_state_continues_the_same_stream():
