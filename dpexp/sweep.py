@@ -47,12 +47,42 @@ def sweep_stamp(enabled: bool, now: str) -> str:
     return f"/{now}" if enabled else ""
 
 
-def job_dirname(override_dirname: str) -> str:
-    """A file-system- and shell-safe directory name from Hydra's ``override_dirname``.
+def split_items(override_dirname: str) -> list[str]:
+    """Hydra's ``k=v,k=v`` string back into items; commas inside brackets or quotes stay."""
+    items, depth, quote, start = [], 0, "", 0
+    for i, char in enumerate(override_dirname):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[{(":
+            depth += 1
+        elif char in "]})":
+            depth -= 1
+        elif char == "," and depth == 0:
+            items.append(override_dirname[start:i])
+            start = i + 1
+    items.append(override_dirname[start:])
+    return [item for item in items if item]
 
-    Characters outside ``[A-Za-z0-9._,=+~-]`` become ``_``; names too long are truncated and
+
+def _short_key(key: str, leaves: list[str]) -> str:
+    """``dataset.train_size`` → ``train_size`` when no other override has that leaf."""
+    prefix = key[: len(key) - len(key.lstrip("+~"))]
+    leaf = key.rsplit(".", 1)[-1]
+    return prefix + leaf if leaves.count(leaf) == 1 else key
+
+
+def job_dirname(override_dirname: str) -> str:
+    """A short, file-system- and shell-safe directory name from Hydra's ``override_dirname``.
+
+    Keys are shortened to their last component where that stays unambiguous; characters
+    outside ``[A-Za-z0-9._,=+~-]`` become ``_``; names still too long are truncated and
     suffixed with a hash of the full text, so distinct jobs keep distinct directories."""
-    name = _UNSAFE.sub("_", override_dirname) or "defaults"
+    pairs = [item.partition("=") for item in split_items(override_dirname)]
+    leaves = [key.lstrip("+~").rsplit(".", 1)[-1] for key, _, _ in pairs]
+    short = ",".join(f"{_short_key(k, leaves)}{sep}{v}" for k, sep, v in pairs)
+    name = _UNSAFE.sub("_", short) or "defaults"
     if len(name) > MAX_DIRNAME:
         digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:12]
         name = f"{name[: MAX_DIRNAME - 13]}-{digest}"
@@ -76,7 +106,8 @@ def in_multirun() -> bool:
 def identity(cfg: DictConfig) -> dict[str, Any]:
     """The part of the config that decides what a job computes (unresolved, no paths)."""
     container = OmegaConf.to_container(cfg, resolve=False)
-    container.pop("paths", None)
+    for key in ("paths", "hydra"):  # run-local; hydra is present only in composed test configs
+        container.pop(key, None)
     for key in NOT_IDENTITY:
         *parents, leaf = key.split(".")
         node = container
