@@ -212,9 +212,12 @@ def test_public_grad_mask_reads_only_the_public_split(grad_score):
     assert "after 1 non-private epochs" in clean.mask_source
 
 
-def test_run_writes_masks_and_result_fields_and_keeps_pruned_weights_zero(tiny_cfg, tmp_path):
-    cfg = tiny_cfg("method=freeze", "pruning.rate=0.8", "pruning.scorer=random")
+def test_run_writes_masks_fields_plain_epsilon_and_keeps_pruned_weights_zero(tiny_cfg, tmp_path):
+    fixed_sigma = ["privacy.noise_multiplier=1.2", "privacy.epsilon=null"]
+    cfg = tiny_cfg("method=freeze", "pruning.rate=0.8", "pruning.scorer=random", *fixed_sigma)
     result = run(cfg, tmp_path / "run")
+    # ε is plain DP-SGD's for the same (σ, q, steps): the mask costs no privacy
+    assert result["epsilon"] == accounting.epsilon(1.2, 0.25, 4, 1e-3, "prv")
     saved = torch.load(tmp_path / "run" / MASKS_FILE)
     masks = saved["masks"]
     assert saved["pruning_rate"] == 0.8 and saved["scorer"] == "random"
@@ -240,13 +243,6 @@ def test_rate_zero_is_exactly_dp_sgd(tiny_cfg, tmp_path):
     )
     assert frozen["test_loss"] == plain["test_loss"]
     assert frozen["epsilon"] == plain["epsilon"] and frozen["trainable_fraction"] == 1.0
-
-
-def test_epsilon_is_plain_dp_sgd_for_the_same_sigma_q_steps(tiny_cfg, tmp_path):
-    fixed = ["privacy.noise_multiplier=1.2", "privacy.epsilon=null", "trainer.max_epochs=2"]
-    result = run(tiny_cfg("method=freeze", "pruning.rate=0.9", *fixed), tmp_path / "run")
-    expected = accounting.epsilon(1.2, 0.25, 8, 1e-3, "prv")
-    assert result["steps"] == 8 and result["epsilon"] == expected
 
 
 def test_resuming_with_different_masks_is_refused():

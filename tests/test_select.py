@@ -153,13 +153,19 @@ def test_noise_has_std_sigma_c_on_selected_coordinates_and_is_zero_elsewhere():
     assert_noise_only_where_weighted(noise, weights, sigma=1.5, clip=0.4)
 
 
-@pytest.mark.parametrize("method", ["select", "freeze_select"])
-def test_epsilon_is_plain_dp_sgd_for_the_same_sigma_q_steps(tiny_cfg, tmp_path, method):
-    fixed = ["privacy.noise_multiplier=0.9", "privacy.epsilon=null", "trainer.max_epochs=2"]
-    result = run(tiny_cfg(f"method={method}", "select.rate=0.9", *fixed), tmp_path / "run")
-    assert result["steps"] == 8
-    assert result["epsilon"] == accounting.epsilon(0.9, 0.25, 8, 1e-3, "prv")
-    assert [list(m) for m in result["accountant_history"]] == [[0.9, 0.25, 8]]
+SIGMA_FIXED = ["privacy.noise_multiplier=0.9", "privacy.epsilon=null"]
+
+
+def assert_plain_dp_sgd_epsilon(result, steps: int) -> None:
+    """ε and the ledger are exactly DP-SGD's for (σ=0.9, q=0.25, steps): masks cost nothing."""
+    assert result["steps"] == steps
+    assert result["epsilon"] == accounting.epsilon(0.9, 0.25, steps, 1e-3, "prv")
+    assert [list(m) for m in result["accountant_history"]] == [[0.9, 0.25, steps]]
+
+
+def test_select_epsilon_is_plain_dp_sgd_for_the_same_sigma_q_steps(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("method=select", "select.rate=0.9", "trainer.max_epochs=2", *SIGMA_FIXED)
+    assert_plain_dp_sgd_epsilon(run(cfg, tmp_path / "run"), steps=8)
 
 
 def clipping_override(mode: str) -> str:
@@ -170,10 +176,15 @@ def clipping_override(mode: str) -> str:
 @pytest.mark.parametrize("mode", MODES)
 def test_freeze_select_trains_with_every_clipping_mode(tiny_cfg, tmp_path, mode):
     cfg = tiny_cfg(
-        "method=freeze_select", clipping_override(mode), "pruning.rate=0.5", "select.rate=0.5"
+        "method=freeze_select",
+        clipping_override(mode),
+        "pruning.rate=0.5",
+        "select.rate=0.5",
+        *SIGMA_FIXED,
     )
     result = run(cfg, tmp_path / "run")
-    assert result["clipping"] == mode and result["steps"] == 4
+    assert result["clipping"] == mode
+    assert_plain_dp_sgd_epsilon(result, steps=4)
     assert result["pruning_rate"] == 0.5 and result["select_rate"] == 0.5
     masks = torch.load(tmp_path / "run" / MASKS_FILE)["masks"]
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
