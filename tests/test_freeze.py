@@ -16,7 +16,7 @@ from dpexp.clipping import MODES, make_engine
 from dpexp.data import DataModule, TensorData
 from dpexp.errors import ConfigError
 from dpexp.methods.freeze import MASKS_FILE, Freeze
-from dpexp.methods.masks import keep_count, top_fraction
+from dpexp.methods.masks import keep_count, public_gradient_scores, top_fraction
 from dpexp.models import CNNTanh
 from dpexp.privacy.step import GradientStep, merge_weights
 from dpexp.train import run
@@ -257,3 +257,18 @@ def test_resuming_with_different_masks_is_refused():
     other.load_state_dict(other.state_dict())  # the same masks resume silently
     with pytest.raises(UserError, match="pruning masks differ"):
         other.load_state_dict(first.state_dict())
+
+
+@pytest.mark.parametrize("taylor", [False, True])
+def test_public_gradient_scores_sum_per_batch_magnitudes(taylor):
+    model = tiny_model(torch.float64)
+    batches = [batch(4, torch.float64, seed=s) for s in (5, 6)]
+    names = ["features.0.weight", "classifier.3.weight"]
+    scores = public_gradient_scores(model, batches, names, taylor=taylor)
+    params = dict(model.named_parameters())
+    for n in names:
+        expected = torch.zeros_like(params[n])
+        for x, y in batches:
+            g = torch.autograd.grad(torch.nn.functional.cross_entropy(model(x), y), params[n])[0]
+            expected += (g * params[n] if taylor else g).abs()
+        torch.testing.assert_close(scores[n], expected.detach(), rtol=1e-12, atol=0)
