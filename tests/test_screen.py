@@ -290,3 +290,20 @@ def test_checkpointed_state_continues_the_same_stream():
     restored.load_state_dict(state)
     assert (restored.accepted, restored.candidates, restored.consecutive_rejections) == (7, 9, 2)
     assert [restored.accept(0.01) for _ in range(50)] == expected
+
+
+def test_resumed_screen_run_matches_the_uninterrupted_one(tiny_cfg, tmp_path):
+    method = [*SCREEN_PUBLIC, "screen.k=1000", "optimizer.lr=5"]
+    method += ["privacy.noise_multiplier=1.0", "privacy.epsilon=null"]  # same σ for 1 or 2 epochs
+    whole = run(
+        tiny_cfg(*method, "trainer.max_epochs=2", output_dir=tmp_path / "a"), tmp_path / "a"
+    )
+    run(tiny_cfg(*method, "trainer.max_epochs=1", output_dir=tmp_path / "b"), tmp_path / "b")
+    ckpt = f"ckpt_path={tmp_path / 'b' / 'checkpoints' / 'last.ckpt'}"
+    resumed = run(
+        tiny_cfg(*method, "trainer.max_epochs=2", ckpt, output_dir=tmp_path / "c"), tmp_path / "c"
+    )
+    counts = ("candidates", "accepted", "forced_accepts", "steps")
+    assert [resumed[k] for k in counts] == [whole[k] for k in counts]
+    assert whole["accepted"] < whole["candidates"]
+    assert resumed["test_loss"] == whole["test_loss"]
