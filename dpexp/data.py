@@ -137,6 +137,9 @@ class PoissonBatchSampler(Sampler[torch.Tensor]):
         self.sample_rate = sample_rate
         self.steps = steps
         self.generator = generator
+        self.start = 0  # first batch of the next pass: > 0 only when resuming mid-epoch
+        self.drawn = 0  # batches drawn so far in the current pass
+        self._states: dict[int, torch.Tensor] = {}  # generator state before batch i was drawn
         self.rank = rank
         self.world_size = world_size
 
@@ -144,10 +147,28 @@ class PoissonBatchSampler(Sampler[torch.Tensor]):
         return self.steps
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        for _ in range(self.steps):
+        self.drawn, self.start = self.start, 0
+        self._states = {}
+        while self.drawn < self.steps:
+            # The data fetcher runs a batch ahead of training: keep the last few states.
+            self._states = {i: s for i, s in self._states.items() if i > self.drawn - 4}
+            self._states[self.drawn] = self.generator.get_state()
+            self.drawn += 1
             mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
             indices = mask.nonzero().flatten()
             yield indices[indices % self.world_size == self.rank]
+
+    def resume_state(self, consumed: int) -> tuple[int, torch.Tensor]:
+        """``(position, generator state)`` from which a new pass continues exactly after the
+        first ``consumed`` batches of this pass were used for training (batches drawn ahead
+        of training are drawn again)."""
+        if consumed >= self.steps:
+            return 0, self.generator.get_state()  # the pass is complete: next epoch
+        if consumed == self.drawn:
+            return consumed, self.generator.get_state()
+        if consumed in self._states:
+            return consumed, self._states[consumed]
+        raise RuntimeError(f"sampler cannot checkpoint after batch {consumed} ({self.drawn} drawn)")
 
 
 class DataModule(L.LightningDataModule):
@@ -195,6 +216,8 @@ class DataModule(L.LightningDataModule):
             _, _, n_train, n_test, self.image_shape, self.num_classes = TORCHVISION[name]
             self._full_sizes = (n_train, n_test)
         self.sampler_generator = torch.Generator().manual_seed(seed)
+        self._sampler: PoissonBatchSampler | None = None
+        self._resume_position = 0  # batch of the epoch to continue from (checkpoint)
         self.train = self.test = self.public = None
         self.planned_epochs: int | None = None
 
@@ -244,6 +267,8 @@ class DataModule(L.LightningDataModule):
             rank=trainer.global_rank if trainer else 0,
             world_size=trainer.world_size if trainer else 1,
         )
+        sampler.start, self._resume_position = self._resume_position, 0
+        self._sampler = sampler
         return DataLoader(self.train, sampler=sampler, batch_size=None)
 
     def _eval_loader(self, data: TensorData) -> DataLoader:
@@ -257,10 +282,22 @@ class DataModule(L.LightningDataModule):
         return self._eval_loader(self.test)
 
     def state_dict(self) -> dict:
-        return {"sampler_generator": self.sampler_generator.get_state()}
+        """The sampler's RNG as it was before the first batch training has not used yet, and
+        that batch's index in the epoch: a resumed run draws exactly the batches it missed."""
+        position, state = 0, self.sampler_generator.get_state()
+        if self._sampler is not None:
+            trainer = self.trainer
+            consumed = (
+                trainer.fit_loop.epoch_loop.batch_progress.current.processed
+                if trainer is not None
+                else self._sampler.drawn
+            )
+            position, state = self._sampler.resume_state(consumed)
+        return {"sampler_generator": state, "sampler_position": position}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.sampler_generator.set_state(state_dict["sampler_generator"])
+        self._resume_position = state_dict.get("sampler_position", 0)
 
     def public_dataloader(self, batch_size: int = 256, shuffle: bool = True) -> DataLoader:
         g = torch.Generator().manual_seed(self.seed + 7)

@@ -16,6 +16,12 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import (
+    ConfigCompositionException,
+    HydraException,
+    MissingConfigException,
+    OverrideParseException,
+)
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -36,6 +42,10 @@ for message in (
     "Optimal order is the largest alpha",
     ".*isinstance.treespec, LeafSpec. is deprecated",
     "The number of training batches .* is smaller than the logging interval",
+    # Step checkpoints hold the state after the step, as resume needs (docs/reliability.md);
+    # the Poisson sampler resumes mid-epoch through DataModule.state_dict.
+    "Using ModelCheckpoint with manual optimization and every_n_train_steps",
+    "You're resuming from a checkpoint that ended before the epoch ended",
 ):
     warnings.filterwarnings("ignore", message=message)
 
@@ -64,10 +74,26 @@ def build(cfg: DictConfig, output_dir: Path):
 
 
 def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
-    if cfg.get("ckpt_path"):
-        return str(cfg.ckpt_path)
+    """The checkpoint to continue from; refuses to start over another run's checkpoints."""
     last = output_dir / "checkpoints" / "last.ckpt"
-    return str(last) if cfg.get("resume") and last.is_file() else None
+    if cfg.get("ckpt_path"):
+        ckpt = Path(cfg.ckpt_path)
+        if last.is_file() and ckpt.resolve() != last.resolve():
+            raise UserError(
+                f"ckpt_path={str(ckpt)!r} is invalid here: {last} already holds this run "
+                "dir's own checkpoint; resume it with resume=true or choose another hydra.run.dir"
+            )
+        return str(ckpt)
+    if cfg.get("resume"):
+        if not last.is_file():
+            log.warning("resume=true but %s does not exist: starting from scratch", last)
+        return str(last) if last.is_file() else None
+    if last.is_file():
+        raise UserError(
+            f"resume=false is invalid here: {last} exists (an unfinished run); pass "
+            "resume=true to continue it, or choose another hydra.run.dir"
+        )
+    return None
 
 
 def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
@@ -134,7 +160,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
             finished = sweep.prepare_job(cfg, output_dir, overrides)
         result = finished or run(cfg, output_dir)
     except UserError as exc:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if _debug():
             raise
         print(f"dpexp: error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -145,12 +171,40 @@ def hydra_main(cfg: DictConfig) -> float | None:
     return result["test_acc"]
 
 
+def _debug() -> bool:
+    """Developers keep tracebacks: ``--debug`` or ``HYDRA_FULL_ERROR=1``."""
+    flag = os.environ.get("DPEXP_DEBUG")  # set by main(), which takes over HYDRA_FULL_ERROR
+    return flag == "1" if flag is not None else os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def hydra_error_line(exc: HydraException) -> str:
+    """Hydra's multi-line composition error as one line: key, bad value, what is allowed."""
+    if isinstance(exc, MissingConfigException) and exc.missing_cfg_file and exc.options:
+        group, _, name = exc.missing_cfg_file.rpartition("/")
+        allowed = ", ".join(exc.options)
+        return f"{group}={name!r} is invalid: no such config; choose one of {allowed}"
+    text = str(exc).split("\nConfig search path:")[0]
+    parts = [line.strip().rstrip(".") for line in text.splitlines() if line.strip()]
+    if exc.__cause__ is not None and str(exc.__cause__).strip():
+        parts.append(str(exc.__cause__).strip().splitlines()[0])
+    return "; ".join(parts)
+
+
 def main() -> None:
     """Console script ``dpexp-train``; ``--debug`` keeps full tracebacks."""
+    debug = os.environ.get("HYDRA_FULL_ERROR") == "1" or "--debug" in sys.argv
     if "--debug" in sys.argv:
         sys.argv.remove("--debug")
-        os.environ["HYDRA_FULL_ERROR"] = "1"
-    hydra_main()
+    os.environ["DPEXP_DEBUG"] = "1" if debug else "0"
+    # Hydra prints its own errors over several lines and exits; let them reach us instead.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        hydra_main()
+    except (ConfigCompositionException, OverrideParseException) as exc:
+        if debug:
+            raise
+        print(f"dpexp: error: {hydra_error_line(exc)}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

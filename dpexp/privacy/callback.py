@@ -148,12 +148,14 @@ class PrivacyCallback(L.Callback):
         remaining = max(self.planned_steps - self.step.steps, 0)
         allowed = self.ledger.steps_within_budget(self.step.mechanisms(), self.epsilon, remaining)
         self.step.max_steps = self.step.steps + allowed
-        if allowed == 0:
+        if allowed == 0 and remaining > 0:  # e.g. resumed with a smaller epsilon
             self.budget_exhausted = True
             trainer.should_stop = True
             log.warning(
-                "privacy budget epsilon=%g already spent (%.4f): not training",
+                "privacy budget epsilon=%g already spent after %d steps (epsilon=%.4f): "
+                "stopping without training",
                 self.epsilon,
+                self.step.steps,
                 self.ledger.epsilon(),
             )
         elif allowed < remaining:
