@@ -239,32 +239,47 @@ def pareto_mask(eps: np.ndarray, fraction: np.ndarray, acc: np.ndarray) -> np.nd
     return keep
 
 
-def plot_pareto(agg: pd.DataFrame, path: Path) -> None:
+def plot_pareto(agg: pd.DataFrame, labels: list[str], path: Path) -> None:
+    """ε spent vs accuracy, coloured by trainable fraction; the 3-D Pareto front outlined and
+    labelled with its factors (``labels``: columns of ``agg``)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    front = agg[agg["pareto"]].sort_values("epsilon_spent")
+    front = agg[agg["pareto"]]
     rest = agg[~agg["pareto"]]
-    norm = plt.Normalize(0, 1)
-    ax.scatter(
-        rest["epsilon_spent"], rest["test_acc_mean"], c=rest["trainable_fraction"],
-        cmap="viridis", norm=norm, alpha=0.35, s=30, label="dominated",
-    )  # fmt: skip
+    style = {"cmap": "viridis", "norm": plt.Normalize(0, 1)}
+    if not rest.empty:
+        ax.scatter(
+            rest["epsilon_spent"], rest["test_acc_mean"], c=rest["trainable_fraction"],
+            alpha=0.35, s=30, label="dominated", **style,
+        )  # fmt: skip
     points = ax.scatter(
         front["epsilon_spent"], front["test_acc_mean"], c=front["trainable_fraction"],
-        cmap="viridis", norm=norm, s=80, edgecolors="black", linewidths=1.2,
-        label="Pareto front",
+        s=80, edgecolors="black", linewidths=1.2, label="Pareto-optimal", **style,
     )  # fmt: skip
-    ax.plot(front["epsilon_spent"], front["test_acc_mean"], color="black", lw=0.8, alpha=0.6)
+    for _, row in front.iterrows():
+        text = ", ".join(_label(k, row[k]) for k in labels if k != "target_epsilon")
+        if text:
+            ax.annotate(text, (row["epsilon_spent"], row["test_acc_mean"]), fontsize=7,
+                        xytext=(6, 4), textcoords="offset points")  # fmt: skip
     fig.colorbar(points, ax=ax, label="trainable fraction")
     ax.set_xscale("log")
     ax.set_xlabel("ε spent (log scale)")
     ax.set_ylabel("test accuracy (mean over seeds)")
-    ax.set_title("Pareto front: low ε, few trained parameters, high accuracy")
+    ax.set_title("Pareto front of (ε, trainable fraction, accuracy)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="lower right")
-    _set_eps_ticks(ax, agg["epsilon_spent"].round(2))
+    ticks = sorted(set(agg["epsilon_spent"].dropna()))
+    if ticks:
+        ax.set_xticks(ticks, [f"{t:.2g}" for t in ticks])
+        ax.minorticks_off()
+    ax.margins(x=0.15, y=0.1)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _varies_within(done: pd.DataFrame, group: list[str], column: str) -> bool:
+    """Whether ``column`` takes several values inside a group (else it adds no information)."""
+    return bool((done.groupby(group, dropna=False)[column].nunique(dropna=False) > 1).any())
 
 
 def _fmt(value: Any) -> str:
@@ -291,7 +306,7 @@ def summarize(df: pd.DataFrame, out: Path) -> str:
     if not done.empty:
         line = line_variable(done, swept)
         group = ["target_epsilon", *swept]
-        if line and line not in group:
+        if line and line not in group and _varies_within(done, group, line):
             group.append(line)
         agg = aggregate(done, group)
         agg["pareto"] = pareto_mask(
@@ -301,7 +316,7 @@ def summarize(df: pd.DataFrame, out: Path) -> str:
         )
         plot_acc_vs_epsilon(done, line, out / PLOTS[0])
         plot_acc_vs_fraction(done, line, out / PLOTS[1])
-        plot_pareto(agg, out / PLOTS[2])
+        plot_pareto(agg, group, out / PLOTS[2])
         lines += [markdown_table(agg), ""]
         lines += [f"Plots: {', '.join(PLOTS)} in {out}", ""]
     missing = df[df["status"] != STATUS_COMPLETE]

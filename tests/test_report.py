@@ -1,0 +1,115 @@
+"""The sweep report on a hand-made sweep dir: rows, aggregates, plots, missing jobs."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from dpexp import report
+from dpexp.results import RESULT_FILE, write_json_atomic
+from dpexp.sweep import job_dirname
+
+RATES, EPSILONS, SEEDS = (0.0, 0.8), (1, 8), (0, 1)
+
+
+def accuracy(rate: float, eps: int, seed: int) -> float:
+    return 0.5 + 0.04 * eps - 0.1 * rate + 0.01 * seed
+
+
+def make_job(sweep_dir: Path, overrides: list[str], result: dict | None) -> Path:
+    """A job dir as Hydra and dpexp.train leave it."""
+    job = sweep_dir / job_dirname(",".join(sorted(overrides)))
+    (job / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(overrides), job / ".hydra" / "overrides.yaml")
+    eps = float(overrides[1].split("=")[1])
+    OmegaConf.save(OmegaConf.create({"privacy": {"enabled": True, "epsilon": eps}}),
+                   job / ".hydra" / "config.yaml")  # fmt: skip
+    if result is not None:
+        write_json_atomic(job / RESULT_FILE, result)
+    return job
+
+
+@pytest.fixture
+def sweep_dir(tmp_path) -> Path:
+    """2 rates × 2 ε × 2 seeds planned; one job killed (no result), one never started."""
+    sweep_dir = tmp_path / "sweep"
+    grid = {"pruning.rate": "0.0,0.8", "privacy.epsilon": "1,8", "seed": "0,1"}
+    multirun = {"hydra": {
+        "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+                    "params": grid},
+        "overrides": {"task": ["+sweep=pruning_eps"]},
+    }}  # fmt: skip
+    sweep_dir.mkdir()
+    OmegaConf.save(OmegaConf.create(multirun), sweep_dir / "multirun.yaml")
+    for rate, eps, seed in itertools.product(RATES, EPSILONS, SEEDS):
+        if (rate, eps, seed) == (0.8, 8, 1):
+            continue  # never started
+        overrides = [f"pruning.rate={rate}", f"privacy.epsilon={eps}", f"seed={seed}",
+                     "+sweep=pruning_eps"]  # fmt: skip
+        killed = (rate, eps, seed) == (0.8, 8, 0)
+        result = None if killed else {
+            "test_acc": accuracy(rate, eps, seed), "epsilon": eps * 0.999, "seed": seed,
+            "pruning_rate": rate, "trainable_fraction": 1 - rate * 0.9,
+            "accountant_history": [[1.0, 0.1, 10]], "method": "freeze",
+        }  # fmt: skip
+        make_job(sweep_dir, overrides, result)
+    return sweep_dir
+
+
+def test_collect_lists_every_planned_job(sweep_dir):
+    df = report.collect(sweep_dir)
+    assert len(df) == 8
+    counts = df["status"].value_counts().to_dict()
+    assert counts == {report.STATUS_COMPLETE: 6, report.STATUS_INCOMPLETE: 1,
+                      report.STATUS_NOT_STARTED: 1}  # fmt: skip
+    killed = df[df["status"] == report.STATUS_INCOMPLETE].iloc[0]
+    assert (killed["pruning.rate"], killed["privacy.epsilon"], killed["seed"]) == (0.8, 8, 0)
+    never = df[df["status"] == report.STATUS_NOT_STARTED].iloc[0]
+    assert (never["pruning.rate"], never["privacy.epsilon"], never["seed"]) == (0.8, 8, 1)
+    assert df["target_epsilon"].tolist().count(8.0) == 4
+
+
+def test_summary_files_and_aggregates(sweep_dir, tmp_path):
+    out = tmp_path / "out"
+    text = report.summarize(report.collect(sweep_dir), out)
+    for name in ("results.csv", "results.parquet", "summary.md", *report.PLOTS):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    csv = pd.read_csv(out / "results.csv")
+    parquet = pd.read_parquet(out / "results.parquet")
+    assert len(csv) == len(parquet) == 8
+    # mean ± std over seeds, per (ε, rate)
+    row = csv[(csv["pruning.rate"] == 0.0) & (csv["privacy.epsilon"] == 1)]
+    assert sorted(row["test_acc"]) == pytest.approx([accuracy(0, 1, 0), accuracy(0, 1, 1)])
+    expected_std = np.std([accuracy(0, 1, 0), accuracy(0, 1, 1)], ddof=1)
+    assert f"| 1 | 0 | 2 | {accuracy(0, 1, 0.5):.4g} | {expected_std:.4g} |" in text
+    assert "## 2 jobs without a complete result.json" in text
+    assert "- incomplete: " in text and "- not started: " in text
+    assert "6 of 8 jobs complete" in text
+
+
+def test_pareto_front():
+    eps = np.array([1.0, 1.0, 8.0, 8.0, 1.0])
+    fraction = np.array([1.0, 0.2, 0.2, 1.0, 0.2])
+    acc = np.array([0.9, 0.8, 0.95, 0.94, 0.7])
+    # (1, .2, .8) beats (1, .2, .7); (8, .2, .95) beats (8, 1, .94)
+    assert report.pareto_mask(eps, fraction, acc).tolist() == [True, True, True, False, False]
+
+
+def test_line_variable_prefers_a_method_rate(sweep_dir):
+    df = report.collect(sweep_dir)
+    done = df[df["status"] == report.STATUS_COMPLETE]
+    assert report.line_variable(done, report.factors(df, df.attrs["overrides"])) == "pruning_rate"
+    assert report.factors(df, df.attrs["overrides"]) == ["pruning.rate"]
+
+
+def test_cli_refuses_a_dir_without_jobs(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        report.main([str(tmp_path)])
+    assert exc.value.code == 2
+    assert "no jobs found" in capsys.readouterr().err
