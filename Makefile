@@ -35,5 +35,13 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# Clipping-mode benchmark of the three reference models (docs/results/clipping_speed.md).
+BENCH_DIR ?= outputs/bench
+bench: install
+	$(BIN)/python -m dpexp.bench model=cnn_tanh dataset=mnist dataset.batch_size=256 hydra.run.dir=$(BENCH_DIR)/cnn_tanh $(ARGS)
+	$(BIN)/python -m dpexp.bench model=resnet_gn dataset=synthetic dataset.batch_size=64 hydra.run.dir=$(BENCH_DIR)/resnet_gn $(ARGS)
+	$(BIN)/python -m dpexp.bench model=timm +model.patch_size=4 dataset=synthetic dataset.batch_size=64 hydra.run.dir=$(BENCH_DIR)/vit_tiny $(ARGS)
+	$(BIN)/python -m dpexp.bench --table $(BENCH_DIR)/cnn_tanh/bench.csv $(BENCH_DIR)/resnet_gn/bench.csv $(BENCH_DIR)/vit_tiny/bench.csv
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
