@@ -417,3 +417,17 @@ def test_resnet_gn_trains(tiny_cfg, tmp_path):
     result = run(cfg, tmp_path / "run")
     assert result["steps"] == 2 and result["rgp_reparametrized_layers"] == 20  # all convs
     assert result["test_loss"] == result["test_loss"]
+
+
+def test_resume_from_checkpoint_continues_exactly(tiny_cfg, tmp_path):
+    fixed = ["method=rgp", "privacy.noise_multiplier=1.0", "privacy.epsilon=null"]
+    fixed += ["rgp.history_steps=3", "rgp.warmup_steps=2"]
+    straight = run(
+        tiny_cfg(*fixed, "trainer.max_epochs=2", output_dir=tmp_path / "a"), tmp_path / "a"
+    )
+    run(tiny_cfg(*fixed, "trainer.max_epochs=1", output_dir=tmp_path / "b"), tmp_path / "b")
+    (tmp_path / "b" / "result.json").unlink()
+    cfg = tiny_cfg(*fixed, "trainer.max_epochs=2", "resume=true", output_dir=tmp_path / "b")
+    resumed = run(cfg, tmp_path / "b")
+    assert resumed["steps"] == straight["steps"] == 8
+    assert resumed["test_loss"] == straight["test_loss"]
