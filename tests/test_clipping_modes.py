@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from dpexp.clipping import MODES, clip_and_sum, make_engine
-from dpexp.clipping.layers import Dims, cheapest_rule, mixed_rule
+from dpexp.clipping import ENGINES, MODES, clip_and_sum, make_engine
+from dpexp.clipping.fast import BookKeepingEngine
+from dpexp.clipping.layers import Dims, instantiation_fits, mixed_rule
 from dpexp.clipping.tape import UnsupportedModelError
 from dpexp.models import build_model
 from tests import reference
@@ -223,12 +224,38 @@ def test_unsupported_embedding_options_are_refused():
         make_engine("auto", model).attach()
 
 
+@pytest.mark.parametrize("path", ["ghost", "unfold", "conv"])
+def test_every_conv_path_is_exact(path, monkeypatch):
+    class Forced(BookKeepingEngine):
+        mode = "forced"
+
+        def choose(self, layer, local, x, g):
+            if isinstance(layer.module, nn.modules.conv._ConvNd) and local == "weight":
+                return path
+            return super().choose(layer, local, x, g)
+
+    monkeypatch.setitem(ENGINES, "forced", Forced)
+    grouped = nn.Sequential(
+        nn.Conv2d(3, 6, 3, stride=2, padding=1), nn.Tanh(),
+        nn.Conv2d(6, 6, 3, groups=6, dilation=2, padding=2), nn.Tanh(),
+        nn.Conv2d(6, 4, 3, groups=2, stride=(1, 2), padding=1, padding_mode="reflect"),
+        nn.Flatten(), nn.Linear(4 * 5 * 3, 5),
+    )  # fmt: skip
+    one_d = nn.Sequential(
+        nn.Conv1d(2, 4, 3, stride=2, padding=1), nn.Tanh(),
+        nn.Conv1d(4, 4, 3, padding="same", dilation=2, groups=2), nn.Flatten(),
+        nn.Linear(4 * 10, 3),
+    )  # fmt: skip
+    assert_exact(grouped, *batch((3, 9, 9), classes=5), modes=("forced",))
+    assert_exact(one_d, *batch((2, 20), classes=3), modes=("forced",))
+
+
 # -- layer rule ---------------------------------------------------------------------------
 def test_mixed_rule_boundary():
     assert mixed_rule(Dims(T=4, p=4, D=8))  # 2·16 = 32 ≤ 32
     assert not mixed_rule(Dims(T=4, p=3, D=10))  # 32 > 30
-    assert cheapest_rule(Dims(T=1, p=512, D=512))
-    assert not cheapest_rule(Dims(T=1024, p=64, D=576))
+    assert not instantiation_fits(Dims(T=16, p=512, D=4608))  # ResNet layer4: ghost only
+    assert instantiation_fits(Dims(T=1024, p=64, D=576))  # ResNet layer1
 
 
 def test_cnn_tanh_takes_both_branches_and_logs_each_decision_once(caplog):
@@ -240,8 +267,8 @@ def test_cnn_tanh_takes_both_branches_and_logs_each_decision_once(caplog):
         engine.clipped_sum(x, y, CLIP)
     decisions = {k[:2]: v for k, v in engine._decisions.items()}
     # conv1: T = 13² = 169, p·D = 16·64 → instantiate; conv2: T = 25, p·D = 32·256 → ghost
-    assert decisions[("features.0", "weight")] is False
-    assert decisions[("features.3", "weight")] is True
+    assert decisions[("features.0", "weight")] == "conv"
+    assert decisions[("features.3", "weight")] == "ghost"
     assert caplog.text.count("'features.0' (Conv2d) weight") == 1
 
 
@@ -256,7 +283,7 @@ def test_decisions_are_per_input_shape():
         for tokens in (2, 9):
             engine.clipped_sum(torch.randn(3, tokens, 8), torch.tensor([0, 1, 1]), CLIP)
     got = {k[2]: v for k, v in engine._decisions.items() if k[1] == "weight"}
-    assert got == {(2, 8): True, (9, 8): False}
+    assert got == {(2, 8): "ghost", (9, 8): "default"}
 
 
 def test_input_modified_in_place_after_forward_is_refused():

@@ -2,8 +2,9 @@
 
 - ``bk``: one backward (book-keeping). Norms by the seed's mixed rule, then the clipped sum
   Σ_i c_i g_i from the recorded inputs and the c-scaled output gradients: no second backward.
-- ``auto``: ``bk`` with, per layer and input shape, the cheapest exact choice
-  (:func:`~dpexp.clipping.layers.cheapest_rule`).
+- ``auto``: ``bk`` with, per layer and input shape, the fastest exact choice, timed once on
+  the first batch of that shape: ghost norm or an instantiation method (instantiation only
+  where :func:`~dpexp.clipping.layers.instantiation_fits` its memory).
 - ``mixed_ghost``: the seed's two passes (Bu, Mao, Xu 2022): norms by the mixed rule in a first
   backward, then a second backward of the reweighted loss Σ_i c_i·loss_i.
 - ``ghost``: two passes with the ghost norm wherever one exists (Linear, Conv, Embedding
@@ -16,13 +17,15 @@ its sum is Σ_i c_i (w ⊙ g_i).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import torch
+from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
 from dpexp.clipping.base import ClippingEngine, clip_factors, trainable_parameters
-from dpexp.clipping.layers import Dims, cheapest_rule, mixed_rule
+from dpexp.clipping.layers import Dims, instantiation_fits, mixed_rule
 from dpexp.clipping.tape import Layer, Tape, generic_per_sample
 
 log = logging.getLogger(__name__)
@@ -51,12 +54,12 @@ class FastEngine(ClippingEngine):
         super().detach()
 
     # -- decisions -------------------------------------------------------------------
-    def _ghost(self, layer: Layer, local: str, x: torch.Tensor, g: torch.Tensor) -> bool:
-        """Per layer, parameter and input shape: ghost norm (True) or instantiate; logged once."""
+    def _strategy(self, layer: Layer, local: str, x: torch.Tensor, g: torch.Tensor) -> str:
+        """Per layer, parameter and input shape: "ghost" or an instantiation method; decided
+        once and logged once."""
         key = (layer.name, local, tuple(x.shape[1:]))
         if key not in self._decisions:
-            dims = layer.math.dims(layer.module, x, g)
-            choice = dims is not None and type(self).rule(dims)
+            choice = self.choose(layer, local, x, g)
             self._decisions[key] = choice
             log.info(
                 "clipping=%s: %s %s, input %s, %s → %s",
@@ -64,10 +67,18 @@ class FastEngine(ClippingEngine):
                 layer.where,
                 local,
                 tuple(x.shape[1:]),
-                dims,
-                "ghost norm" if choice else "instantiate",
+                layer.math.dims(layer.module, x, g),
+                choice,
             )
         return self._decisions[key]
+
+    def choose(self, layer: Layer, local: str, x: torch.Tensor, g: torch.Tensor) -> str:
+        """The engine's rule on the layer's (T, p, D) for the ghost norm, else instantiate."""
+        if local in layer.math.ghost_params:
+            dims = layer.math.dims(layer.module, x, g)
+            if dims is not None and type(self).rule(dims):
+                return "ghost"
+        return default_method(layer)
 
     # -- broadcast parameters are checked once per input shape ---------------------------
     def _probe_broadcasts(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
@@ -168,17 +179,16 @@ class FastEngine(ClippingEngine):
         for local, full in layer.params.items():
             weight = weights.get(full)
             (call, g), single = calls[0], len(calls) == 1
-            if (
-                single
-                and weight is None
-                and local in layer_math.ghost_params
-                and self._ghost(layer, local, call.x, g)
-            ):
+            # a weighted or repeatedly called parameter needs its per-sample gradient
+            method = default_method(layer)
+            if single and weight is None:
+                method = self._strategy(layer, local, call.x, g)
+            if method == "ghost":
                 sq = sq + layer_math.ghost_sq_norm(module, call.x, g)
                 if not self.two_pass:
                     pending.append((full, _ghost_sum(layer, local, call.x, g)))
                 continue
-            per = sum(layer_math.per_sample(module, c.x, g_c, local) for c, g_c in calls)
+            per = sum(layer_math.per_sample(module, c.x, g_c, local, method) for c, g_c in calls)
             sq = sq + self._instantiated(per, weight, full, pending)
         return sq
 
@@ -207,6 +217,15 @@ class FastEngine(ClippingEngine):
         return sums
 
 
+def default_method(layer: Layer) -> str:
+    """Instantiation method when no timing is done: for convolutions with few input channels
+    per group the grouped convolution beats unfold + batched matmul on CPU (measured)."""
+    module = layer.module
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return "conv" if module.in_channels // module.groups <= 32 else "unfold"
+    return layer.math.methods[0]
+
+
 def _ghost_sum(layer: Layer, local: str, x: torch.Tensor, g: torch.Tensor):
     def clipped(c: torch.Tensor) -> torch.Tensor:
         return layer.math.summed(layer.module, x, g * _per_sample_view(c, g), local)
@@ -221,10 +240,38 @@ class BookKeepingEngine(FastEngine):
 
 
 class AutoEngine(FastEngine):
-    """One backward; per layer the cheapest exact choice."""
+    """One backward; per layer and input shape the fastest exact path, timed once."""
 
     mode = "auto"
-    rule = staticmethod(cheapest_rule)
+
+    def choose(self, layer, local, x, g):
+        layer_math = layer.math
+        candidates = ["ghost"] if local in layer_math.ghost_params else []
+        dims = layer_math.dims(layer.module, x, g)
+        if not candidates or dims is None or instantiation_fits(dims):
+            candidates += list(layer_math.methods)
+        if len(candidates) == 1:
+            return candidates[0]
+        seconds = {c: _time_path(layer, local, x, g, c) for c in candidates}
+        return min(seconds, key=seconds.get)
+
+
+def _time_path(layer: Layer, local: str, x: torch.Tensor, g: torch.Tensor, path: str) -> float:
+    """Best of two timings of the norm and the clipped sum of one parameter by ``path``."""
+    layer_math, module = layer.math, layer.module
+    factors = torch.ones(len(x), dtype=g.dtype, device=g.device)
+    best = float("inf")
+    for _ in range(2):
+        start = time.perf_counter()
+        if path == "ghost":
+            layer_math.ghost_sq_norm(module, x, g)
+            _ghost_sum(layer, local, x, g)(factors)
+        else:
+            per = layer_math.per_sample(module, x, g, local, path)
+            per.flatten(1).pow(2).sum(1)
+            torch.tensordot(factors, per, dims=1)
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 class MixedGhostEngine(FastEngine):

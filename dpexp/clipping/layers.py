@@ -39,11 +39,10 @@ def mixed_rule(dims: Dims) -> bool:
     return dims.p * dims.D >= 2 * dims.T**2
 
 
-def cheapest_rule(dims: Dims) -> bool:
-    """Ghost iff instantiating would hold more memory than the layer's own activations and
-    output gradients (T·(groups·D + p) per sample): with one backward, instantiation is
-    otherwise cheaper in time, because its per-sample gradients also give the clipped sum."""
-    return dims.p * dims.D > dims.T * (dims.groups * dims.D + dims.p)
+def instantiation_fits(dims: Dims) -> bool:
+    """Per-sample gradients (p·D per sample) at most twice the layer's unfolded input and
+    output gradient (T·(groups·D + p)): beyond that only the ghost norm is considered."""
+    return dims.p * dims.D <= 2 * dims.T * (dims.groups * dims.D + dims.p)
 
 
 def _gram_product(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -56,11 +55,13 @@ def _gram_product(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 class LayerMath:
-    """Math of one layer type; subclasses list the parameters they know in ``params``."""
+    """Math of one layer type; subclasses list the parameters they know in ``params``, those
+    with a ghost norm in ``ghost_params`` and the ways to instantiate in ``methods``."""
 
     base: type[nn.Module]
     params: tuple[str, ...] = ("weight", "bias")
     ghost_params: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ("default",)
 
     def dims(self, module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Dims | None:
         return None
@@ -68,7 +69,7 @@ class LayerMath:
     def reference(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return self.base.forward(module, x)
 
-    def per_sample(self, module, x, g, name: str) -> torch.Tensor:
+    def per_sample(self, module, x, g, name: str, method: str = "default") -> torch.Tensor:
         raise NotImplementedError
 
     def ghost_sq_norm(self, module, x, g) -> torch.Tensor:
@@ -95,7 +96,7 @@ class LinearMath(LayerMath):
     def dims(self, module, x, g):
         return Dims(T=x[0].numel() // x.shape[-1], p=g.shape[-1], D=x.shape[-1])
 
-    def per_sample(self, module, x, g, name):
+    def per_sample(self, module, x, g, name, method="default"):
         x, g = self._flat(x, g)
         return g.transpose(1, 2) @ x if name == "weight" else g.sum(1)
 
@@ -112,6 +113,7 @@ class ConvMath(LayerMath):
 
     base = nn.Conv2d
     ghost_params = ("weight",)
+    methods = ("unfold", "conv")
 
     def reference(self, module, x):
         return type(self)._base_of(module).forward(module, x)
@@ -152,11 +154,35 @@ class ConvMath(LayerMath):
         D = module.in_channels // module.groups * math.prod(module.kernel_size)
         return Dims(T=g[0, 0].numel(), p=module.out_channels, D=D, groups=module.groups)
 
-    def per_sample(self, module, x, g, name):
+    def per_sample(self, module, x, g, name, method: str = "unfold"):
+        """``unfold``: batched matmul of output gradients and unfolded input patches;
+        ``conv``: one grouped convolution (groups = B·groups) correlating each sample's
+        input with its own output gradient (stride and dilation swap roles)."""
         if name == "bias":
             return g.reshape(len(g), g.shape[1], -1).sum(2)
+        if method == "conv":
+            return self._per_sample_by_conv(module, x, g)
         cols, gg = self._unfold(module, x), self._grouped(module, g)
         return (gg @ cols.transpose(-1, -2)).reshape(len(g), *module.weight.shape)
+
+    def _per_sample_by_conv(self, module, x, g):
+        x, padding = self._padded(module, x)
+        batch, groups, kernel = len(x), module.groups, module.kernel_size
+        per_group = module.in_channels // groups
+        inputs = x.reshape(batch * groups, per_group, *x.shape[2:]).transpose(0, 1)
+        kernels = g.reshape(batch * module.out_channels, 1, *g.shape[2:])
+        conv = F.conv1d if x.dim() == 3 else F.conv2d
+        out = conv(
+            inputs,
+            kernels,
+            padding=padding,
+            stride=module.dilation,
+            dilation=module.stride,
+            groups=batch * groups,
+        )
+        out = out[(..., *(slice(0, k) for k in kernel))]
+        out = out.reshape(per_group, batch, module.out_channels, *kernel)
+        return out.transpose(0, 1).transpose(1, 2)
 
     def ghost_sq_norm(self, module, x, g):
         cols, gg = self._unfold(module, x), self._grouped(module, g)
@@ -180,7 +206,7 @@ class GroupNormMath(LayerMath):
     def reference(self, module, x):
         return F.group_norm(x, module.num_groups, module.weight, module.bias, module.eps)
 
-    def per_sample(self, module, x, g, name):
+    def per_sample(self, module, x, g, name, method="default"):
         if name == "weight":
             g = g * F.group_norm(x, module.num_groups, None, None, module.eps)
         return g.reshape(len(g), g.shape[1], -1).sum(2)
@@ -194,7 +220,7 @@ class LayerNormMath(LayerMath):
     def reference(self, module, x):
         return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
 
-    def per_sample(self, module, x, g, name):
+    def per_sample(self, module, x, g, name, method="default"):
         shape = module.normalized_shape
         if name == "weight":
             g = g * F.layer_norm(x, shape, None, None, module.eps)
@@ -226,7 +252,7 @@ class EmbeddingMath(LayerMath):
     def dims(self, module, x, g):
         return Dims(T=x[0].numel(), p=module.embedding_dim, D=module.num_embeddings)
 
-    def per_sample(self, module, x, g, name):
+    def per_sample(self, module, x, g, name, method="default"):
         idx, g = self._flat(module, x, g)
         rows = idx + module.num_embeddings * torch.arange(len(idx), device=idx.device)[:, None]
         out = g.new_zeros(len(idx) * module.num_embeddings, g.shape[-1])
