@@ -233,11 +233,11 @@ class RGP(Method):
         self.seed = _check_int("seed", seed, 0)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.reparametrized: list[_Reparametrized] = []
-        self.model: nn.Module | None = None
         self.steps = 0
         self.history: dict[str, deque[torch.Tensor]] = {}
         self.initial: dict[str, torch.Tensor] = {}
         self._weights: dict[str, torch.Tensor] | None = None
+        self._nonreparam_params: list[tuple[str, nn.Parameter]] = []
         self._counts: dict[str, int] = {}
 
     # -- reparametrization ------------------------------------------------------------
@@ -262,7 +262,7 @@ class RGP(Method):
         chosen = self._selected(model)
         if not chosen:
             _fail("layers", list(self.layers), "the model has no such layer to reparametrize")
-        self.model = model
+        self._weights = None
         for name, layer in chosen:
             path = CarrierPath(layer, self.rank, train_right=self.carrier_mode == "both")
             layer.add_module(PATH_NAME, path)
@@ -285,11 +285,7 @@ class RGP(Method):
             "rgp_reparametrized_params": sum(r.layer.weight.numel() for r in self.reparametrized),
             "rgp_clipped_params": sum(p.numel() for p in clipped),
         }
-        if self.nonreparam_grad_scale != 1.0:
-            self._weights = {
-                name: torch.full_like(p, self.nonreparam_grad_scale)
-                for name, p in self._nonreparam(model)
-            }
+        self._nonreparam_params = self._nonreparam(model)
 
     def _nonreparam(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
         carrier_ids = {id(p) for r in self.reparametrized for p in r.path.parameters()}
@@ -338,6 +334,13 @@ class RGP(Method):
 
     # -- the DP step ------------------------------------------------------------------
     def coordinate_weights(self, step: int) -> dict[str, torch.Tensor] | None:
+        if self.nonreparam_grad_scale == 1.0 or not self.reparametrized:
+            return None
+        if self._weights is None:  # built at the first step: the model is on its device by then
+            self._weights = {
+                n: torch.full_like(p, self.nonreparam_grad_scale)
+                for n, p in self._nonreparam_params
+            }
         return self._weights
 
     def transform_update(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
