@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,8 +14,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dpexp.errors import UserError
 
-# The read-only dataset mirror that sits beside a checkout of this repository.
-MIRROR = Path(__file__).resolve().parents[2] / "shared" / "data"
+# The read-only dataset mirror that sits beside a checkout of this repository (DPEXP_MIRROR
+# points elsewhere; tests point it at an empty folder to see a missing dataset).
+MIRROR = Path(
+    os.environ.get("DPEXP_MIRROR") or Path(__file__).resolve().parents[2] / "shared" / "data"
+)
 
 # name -> (torchvision class name, folder its files live in, train size, test size, shape, classes)
 TORCHVISION = {

@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from hydra.errors import (
     MissingConfigException,
     OverrideParseException,
 )
+from hydra.experimental.callback import Callback as HydraCallback
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -96,15 +98,37 @@ def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
     return None
 
 
-def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
-    """Train and test one configuration; write and return its result."""
-    datamodule = validate(cfg)
+def check_run_dir(cfg: DictConfig, output_dir: Path) -> str | None:
+    """Refuse to write over a finished or unfinished run; return the checkpoint to resume."""
     if read_result(output_dir) is not None:
         raise UserError(
             f"{output_dir / RESULT_FILE} already exists: this run is complete; "
             "choose another hydra.run.dir to train again"
         )
-    ckpt_path = resume_checkpoint(cfg, output_dir)
+    return resume_checkpoint(cfg, output_dir)
+
+
+class Preflight(HydraCallback):
+    """Validates the config and the run dir before Hydra creates or writes anything there
+    (Hydra saves .hydra/*.yaml and opens train.log in the run dir before the task starts)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            HydraConfig.instance().set_config(config)
+            validate(config)
+            check_run_dir(config, Path(config.hydra.run.dir))
+        except UserError as exc:
+            # Hydra turns a callback's exception into a warning and goes on: exit here.
+            if _debug():
+                traceback.print_exc()
+            print(f"dpexp: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+
+
+def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+    """Train and test one configuration; write and return its result."""
+    datamodule = validate(cfg)
+    ckpt_path = check_run_dir(cfg, output_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     start = time.perf_counter()
     datamodule, module, privacy, methods, trainer = build(cfg, output_dir)
@@ -200,10 +224,11 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         hydra_main()
-    except (ConfigCompositionException, OverrideParseException) as exc:
+    except (ConfigCompositionException, OverrideParseException, UserError) as exc:
         if debug:
             raise
-        print(f"dpexp: error: {hydra_error_line(exc)}", file=sys.stderr)
+        line = str(exc) if isinstance(exc, UserError) else hydra_error_line(exc)
+        print(f"dpexp: error: {line}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -156,6 +156,27 @@ def validate_checkpoint(cfg: DictConfig) -> None:
         _fail("ckpt_path", path, f"a readable checkpoint ({type(exc).__name__}: corrupt file?)")
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         _fail("ckpt_path", path, "a Lightning checkpoint (no state_dict in the file)")
+    _check_checkpoint_model(cfg, path, ckpt["state_dict"])
+
+
+def _check_checkpoint_model(cfg: DictConfig, path: str, saved: dict) -> None:
+    """The checkpoint must hold this config's model: same parameter names and shapes.
+
+    Methods may add parameters (e.g. carriers), so only the model's own ones are compared."""
+    from hydra.utils import instantiate
+
+    expected = {f"model.{k}": v.shape for k, v in instantiate(cfg.model).state_dict().items()}
+    common = expected.keys() & saved.keys()
+    if not common:
+        _fail("ckpt_path", path, f"a checkpoint of model {cfg.model.name!r}: no parameter matches")
+    for key in sorted(common):
+        if tuple(saved[key].shape) != tuple(expected[key]):
+            _fail(
+                "ckpt_path",
+                path,
+                f"a checkpoint of model {cfg.model.name!r} as configured: {key} has shape "
+                f"{list(saved[key].shape)} in the file, {list(expected[key])} in the model",
+            )
 
 
 def validate(cfg: DictConfig) -> DataModule:
