@@ -176,18 +176,24 @@ def _is_multi_device(devices: Any) -> bool:
     return devices is not None and len(devices) > 1
 
 
+def _starts_by_spawn(strategy: Any) -> bool:
+    """A strategy name (``ddp_spawn``) or an instantiable DDPStrategy node (``start_method``)."""
+    if isinstance(strategy, str):
+        return "spawn" in strategy or "fork" in strategy
+    return strategy.get("start_method", "popen") in ("spawn", "fork", "forkserver")
+
+
 def check_strategy(cfg: DictConfig) -> None:
     """Inside a multirun, a multi-device Lightning job must start its workers by spawn/fork.
 
-    Lightning's default ``ddp`` re-executes the command line for every extra rank; under
-    ``-m`` that command is the whole sweep, so each rank would launch the sweep again."""
+    Lightning's default ``ddp`` (popen) re-executes the command line for every extra rank;
+    under ``-m`` that command is the whole sweep, so each rank would launch the sweep again."""
     trainer = cfg.get("trainer") or {}
     strategy = trainer.get("strategy", "auto")
-    if not _is_multi_device(trainer.get("devices", 1)) or not isinstance(strategy, str):
+    if not _is_multi_device(trainer.get("devices", 1)) or _starts_by_spawn(strategy):
         return
-    if "spawn" not in strategy and "fork" not in strategy:
-        raise ConfigError(
-            f"trainer.strategy={strategy!r} is invalid: with trainer.devices="
-            f"{trainer.get('devices')} inside a multirun use a spawn strategy "
-            "(trainer=ddp_spawn, or trainer.strategy=ddp_spawn)"
-        )
+    raise ConfigError(
+        f"trainer.strategy={strategy!r} is invalid: with trainer.devices="
+        f"{trainer.get('devices')} inside a multirun use a spawn strategy "
+        "(trainer=ddp_spawn, or trainer.strategy=ddp_spawn)"
+    )

@@ -101,7 +101,9 @@ def test_prepare_job_keeps_checkpoints_when_resuming(tiny_cfg, tmp_path):
 @pytest.mark.parametrize(
     ("devices", "strategy", "ok"),
     [(1, "auto", True), (2, "ddp_spawn", True), ("0,1", "ddp_fork", True), (2, "ddp", False),
-     (-1, "auto", False), ("2", "fsdp", False), ([0, 1], "ddp", False)],
+     (-1, "auto", False), ("2", "fsdp", False), ([0, 1], "ddp", False),
+     (2, {"_target_": "lightning.pytorch.strategies.DDPStrategy", "start_method": "spawn"}, True),
+     (2, {"_target_": "lightning.pytorch.strategies.DDPStrategy"}, False)],
 )  # fmt: skip
 def test_multi_device_jobs_in_a_multirun_must_spawn(devices, strategy, ok):
     cfg = OmegaConf.create({"trainer": {"devices": devices, "strategy": strategy}})
