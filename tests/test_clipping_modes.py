@@ -312,3 +312,20 @@ def test_summed_loss_is_returned():
         with engine.attached_to_model():
             _, _, loss = engine.clipped_sum(x, y, CLIP)
         torch.testing.assert_close(loss, expected.detach())
+
+
+def test_decisions_survive_reattach_until_trainable_parameters_change():
+    model = build_model("cnn_tanh", (1, 28, 28))
+    x, y = batch((1, 28, 28))
+    engine = make_engine("auto", model)
+    with engine.attached_to_model():
+        engine.clipped_sum(x, y, CLIP)
+    decided = dict(engine._decisions)
+    with engine.attached_to_model():
+        assert engine._decisions == decided  # timed once, not per attach
+    model.features[0].requires_grad_(False)
+    with engine.attached_to_model():
+        assert engine._decisions == {} and "features.0" not in {
+            layer.name for layer in engine.tape.layers
+        }
+    assert_exact(model, x, y, modes=("auto",))

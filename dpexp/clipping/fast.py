@@ -24,7 +24,12 @@ import torch
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
-from dpexp.clipping.base import ClippingEngine, clip_factors, trainable_parameters
+from dpexp.clipping.base import (
+    ClippingEngine,
+    clip_factors,
+    summed_cross_entropy,
+    trainable_parameters,
+)
 from dpexp.clipping.layers import Dims, instantiation_fits, mixed_rule
 from dpexp.clipping.tape import Layer, Tape, generic_per_sample
 
@@ -42,11 +47,21 @@ class FastEngine(ClippingEngine):
     rule: Callable[[Dims], bool] = staticmethod(mixed_rule)
     two_pass = False
 
+    def __init__(self, model, loss_fn=summed_cross_entropy) -> None:
+        super().__init__(model, loss_fn)
+        self.tape: Tape | None = None
+        self._trainable: tuple[int, ...] = ()
+
     def attach(self) -> None:
-        self.tape = Tape(self.model)
+        """Hooks on; the plan, decisions and probes survive detach/attach while the set of
+        trainable parameters stays the same."""
+        trainable = tuple(id(p) for _, p in trainable_parameters(self.model))
+        if self.tape is None or trainable != self._trainable:
+            self.tape = Tape(self.model)
+            self._trainable = trainable
+            self._decisions: dict[tuple, str] = {}
+            self._probed: set[tuple] = set()
         self.tape.attach()
-        self._decisions: dict[tuple, bool] = {}
-        self._probed: set[tuple] = set()
         super().attach()
 
     def detach(self) -> None:

@@ -140,12 +140,12 @@ class Tape:
     def demote(self, broadcast: Broadcast) -> None:
         """Hand a broadcast owner's parameters to the generic path (exact, slower)."""
         self.broadcasts.remove(broadcast)
-        for layer in self.layers:
-            if layer.module is broadcast.owner and layer.math is None:
-                layer.params.update(broadcast.params)
-                return
-        self.layers.append(Layer(broadcast.name, broadcast.owner, dict(broadcast.params), None))
-        if self._handles:
+        owner = [l for l in self.layers if l.module is broadcast.owner and l.math is None]
+        if owner:
+            owner[0].params.update(broadcast.params)
+        else:
+            self.layers.append(Layer(broadcast.name, broadcast.owner, dict(broadcast.params), None))
+        if self._handles:  # re-register: the owner's expansion hooks must go
             self.detach()
             self.attach()
 
