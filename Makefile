@@ -43,5 +43,17 @@ bench: install
 	$(BIN)/python -m dpexp.bench model=timm +model.patch_size=4 dataset=synthetic dataset.batch_size=64 hydra.run.dir=$(BENCH_DIR)/vit_tiny $(ARGS)
 	$(BIN)/python -m dpexp.bench --table $(BENCH_DIR)/cnn_tanh/bench.csv $(BENCH_DIR)/resnet_gn/bench.csv $(BENCH_DIR)/vit_tiny/bench.csv
 
+# Resumable sweep (conf/sweep/$(SWEEP).yaml) into multirun/$(SWEEP); re-run to finish a killed one.
+sweep: install
+	$(BIN)/python -m dpexp.train -m +sweep=$(SWEEP) $(ARGS)
+
+# CSV, parquet, plots and a Markdown summary of multirun/$(SWEEP) in multirun/$(SWEEP)/report.
+report: install
+	$(BIN)/python -m dpexp.report multirun/$(SWEEP)
+
+# A paper table: its sweeps (resumable), their reports, docs/results/$(TABLE).md.
+reproduce: install
+	$(BIN)/python -m dpexp.tables $(TABLE) --run $(ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from dpexp import report
+from dpexp import report, tables
 from dpexp.results import RESULT_FILE, write_json_atomic
 from dpexp.sweep import job_dirname
 
@@ -113,3 +113,43 @@ def test_cli_refuses_a_dir_without_jobs(tmp_path, capsys):
         report.main([str(tmp_path)])
     assert exc.value.code == 2
     assert "no jobs found" in capsys.readouterr().err
+
+
+def test_paper_table_sets_ours_beside_published(tmp_path):
+    table = tables.TABLES["sa_dpsgd"]
+    sweep_dir = tmp_path / "multirun" / table.sweeps[0].task_name(["trainer.max_epochs=3"])
+    assert sweep_dir.name.startswith("sa_dpsgd-")
+    accs = {("mnist", "dpsgd"): (0.97, 0.98), ("mnist", "screen"): (0.975, 0.985),
+            ("fashion_mnist", "dpsgd"): (0.85, 0.86)}  # fmt: skip
+    for (dataset, method), values in accs.items():
+        for seed, acc in enumerate(values):
+            overrides = [f"dataset={dataset}", f"method={method}", f"seed={seed}"]
+            job = sweep_dir / job_dirname(",".join(overrides))
+            (job / ".hydra").mkdir(parents=True)
+            OmegaConf.save(OmegaConf.create(overrides), job / ".hydra" / "overrides.yaml")
+            write_json_atomic(job / RESULT_FILE, {
+                "test_acc": acc, "epsilon": 2.99, "epochs": 3, "dataset": dataset,
+                "method": method, "seed": seed, "trainable_fraction": 1.0,
+            })  # fmt: skip
+    done, missing = tables.collect(table, tmp_path, ["trainer.max_epochs=3"])
+    merged = tables.merge(table, done).set_index(["dataset", "method"])
+    assert merged.loc[("mnist", "dpsgd"), "ours"] == pytest.approx(97.5)
+    assert merged.loc[("mnist", "dpsgd"), "published"] == 98.12
+    assert merged.loc[("mnist", "dpsgd"), "diff"] == pytest.approx(97.5 - 98.12)
+    assert merged.loc[("fashion_mnist", "dpsgd"), "seeds"] == 2
+    assert ("fashion_mnist", "screen") not in merged.index  # not run: not invented
+    text = tables.document("sa_dpsgd", table, merged.reset_index(), missing,
+                           ["trainer.max_epochs=3"])  # fmt: skip
+    assert "| mnist | dpsgd | 2 | 2.990 | 3.00 | 97.50 ± 0.71 | 98.12 | -0.62 |" in text
+    assert "- Epochs: 3 (paper: 40)" in text and "Hardware: " in text
+    assert "Deviations from the paper:" in text and "trainer.max_epochs=3" in text
+    assert (sweep_dir / "report" / "results.csv").is_file()
+
+
+def test_tables_without_published_numbers_say_so():
+    table = tables.TABLES["pruning_tradeoff"]
+    done = pd.DataFrame({"dataset": ["mnist"] * 2, "pruning.scorer": ["random"] * 2,
+                         "pruning.rate": [0.5] * 2, "privacy.epsilon": [1] * 2,
+                         "test_acc": [0.9, 0.92]})  # fmt: skip
+    text = tables.document("pruning_tradeoff", table, tables.merge(table, done), [], [])
+    assert "| mnist | random | 0.50 | 1 | 2 | 91.00 ± 1.41 | n/a | n/a |" in text
