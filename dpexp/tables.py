@@ -40,9 +40,10 @@ class Sweep:
     def task_name(self, overrides: list[str]) -> str:
         """``name``, or ``name-<hash>`` with extra overrides: runs with other settings (e.g.
         fewer epochs) get their own deterministic dir and never mix into one table."""
-        if not overrides:
+        settings = sorted(o for o in overrides if not o.startswith("hydra"))  # not launchers
+        if not settings:
             return self.name
-        digest = hashlib.sha1(" ".join(sorted(overrides)).encode()).hexdigest()[:8]
+        digest = hashlib.sha1(" ".join(settings).encode()).hexdigest()[:8]
         return f"{self.name}-{digest}"
 
 
