@@ -374,6 +374,10 @@ def test_state_dict_round_trip_continues_identically(float64):
 
 
 # -- configuration and end-to-end ---------------------------------------------------------------
+# σ fixed and the RDP accountant: calibrating σ with PRV costs far more than these tiny runs.
+FIXED_SIGMA = ["privacy.noise_multiplier=1.0", "privacy.epsilon=null", "privacy.accountant=rdp"]
+
+
 @pytest.mark.parametrize(
     "override, key",
     [
@@ -392,26 +396,23 @@ def test_bad_options_fail_with_one_line(tiny_cfg, override, key):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_cnn_tanh_trains_through_the_config(tiny_cfg, tmp_path, mode):
-    result = run(tiny_cfg("method=rgp", f"clipping.mode={mode}", "rgp.rank=4"), tmp_path / "run")
+    cfg = tiny_cfg(*FIXED_SIGMA, "method=rgp", f"clipping.mode={mode}", "rgp.rank=4")
+    result = run(cfg, tmp_path / "run")
     assert result["method"] == "rgp" and result["steps"] == 4
     assert result["rgp_reparametrized_layers"] == 3  # two convs and the hidden Linear
     assert result["rgp_clipped_params"] < result["n_params"] / 2
     assert result["test_loss"] == result["test_loss"]  # finite, not NaN
-    # ε is DP-SGD's: σ calibrated as for DP-SGD, one (σ, q) mechanism per step, nothing else
+    # ε is DP-SGD's for (σ, q, steps): one (σ, q) mechanism per step, nothing else
     q, steps = result["sample_rate"], result["steps"]
-    assert [list(h) for h in result["accountant_history"]] == [
-        [result["noise_multiplier"], q, steps]
-    ]
-    sigma = accounting.noise_multiplier(3.0, q, steps, 1e-3, "prv")
-    assert result["noise_multiplier"] == pytest.approx(sigma, rel=1e-12)
-    again = accounting.epsilon(result["noise_multiplier"], q, steps, 1e-3, "prv")
+    assert [list(h) for h in result["accountant_history"]] == [[1.0, q, steps]]
+    again = accounting.epsilon(1.0, q, steps, 1e-3, "rdp")
     assert result["epsilon"] == pytest.approx(again, rel=1e-12)
     assert result["n_params"] == 10650  # the plain cnn_tanh: carriers are gone after fit
 
 
 def test_resnet_gn_trains(tiny_cfg, tmp_path):
     cfg = tiny_cfg(
-        "method=rgp", "model=resnet_gn", "dataset.size=32", "dataset.batch_size=16",
+        *FIXED_SIGMA, "method=rgp", "model=resnet_gn", "dataset.size=32", "dataset.batch_size=16",
         "trainer.max_steps=2", "model.groups=4",
     )  # fmt: skip
     result = run(cfg, tmp_path / "run")
@@ -420,8 +421,7 @@ def test_resnet_gn_trains(tiny_cfg, tmp_path):
 
 
 def test_resume_from_checkpoint_continues_exactly(tiny_cfg, tmp_path):
-    fixed = ["method=rgp", "privacy.noise_multiplier=1.0", "privacy.epsilon=null"]
-    fixed += ["rgp.history_steps=3", "rgp.warmup_steps=2"]
+    fixed = [*FIXED_SIGMA, "method=rgp", "rgp.history_steps=3", "rgp.warmup_steps=2"]
     straight = run(
         tiny_cfg(*fixed, "trainer.max_epochs=2", output_dir=tmp_path / "a"), tmp_path / "a"
     )
