@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run", action="store_true", help="run/resume the sweeps first")
     parser.add_argument("--doc", type=Path, help="default: docs/results/<table>.md")
     parser.add_argument("overrides", nargs="*", help="appended to every sweep command")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow --run
     table = TABLES[args.table]
     try:
         if args.run and table.bench_csv:

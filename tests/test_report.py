@@ -153,3 +153,10 @@ def test_tables_without_published_numbers_say_so():
                          "test_acc": [0.9, 0.92]})  # fmt: skip
     text = tables.document("pruning_tradeoff", table, tables.merge(table, done), [], [])
     assert "| mnist | random | 0.50 | 1 | 2 | 91.00 ± 1.41 | n/a | n/a |" in text
+
+
+def test_tables_cli_takes_overrides_after_flags(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tables, "REPO", tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        tables.main(["clipping_speed", "--doc", str(tmp_path / "t.md"), "bench.threads=1"])
+    assert exc.value.code == 2 and "run `make bench`" in capsys.readouterr().err
