@@ -285,6 +285,20 @@ class DataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader(self.test)
 
+    # DDP via spawn pickles the data module; a torch.Generator pickles its state as a temporary
+    # tensor, shared by file descriptor and freed before the child reads it ("unable to resize
+    # file"). Send the state as bytes instead.
+    def __getstate__(self) -> dict:
+        state = self.sampler_generator.get_state().numpy().tobytes()
+        return {**self.__dict__, "sampler_generator": state}
+
+    def __setstate__(self, state: dict) -> None:
+        generator = torch.Generator()
+        generator.set_state(
+            torch.frombuffer(bytearray(state["sampler_generator"]), dtype=torch.uint8)
+        )
+        self.__dict__.update({**state, "sampler_generator": generator})
+
     def state_dict(self) -> dict:
         """The sampler's RNG as it was before the first batch training has not used yet, and
         that batch's index in the epoch: a resumed run draws exactly the batches it missed."""

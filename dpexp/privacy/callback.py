@@ -189,7 +189,7 @@ class PrivacyCallback(L.Callback):
             "delta": self.delta if self.enabled else None,
             "noise_multiplier": self.noise_multiplier,
             "sample_rate": self.sample_rate,
-            "steps": self.step.steps if self.step else 0,
+            "steps": self.step.steps if self.step else self._restored_steps,
             "planned_steps": self.planned_steps,
             "accountant": self.accountant if self.enabled else None,
             "accountant_history": self.ledger.history(),
@@ -207,6 +207,19 @@ class PrivacyCallback(L.Callback):
                 self.noise_generator.get_state() if self.noise_generator is not None else None
             ),
         }
+
+    # -- DDP via spawn (dpexp.distributed): training runs in worker processes ---------------
+    def worker_state(self) -> dict[str, Any]:
+        """What rank 0 sends back so that the main process reports the run it trained."""
+        return {"checkpoint": self.state_dict(), "summary": self.summary()}
+
+    def restore_worker_state(self, state: dict[str, Any]) -> None:
+        self.load_state_dict(state["checkpoint"])
+        summary = state["summary"]
+        self.noise_multiplier = summary["noise_multiplier"]
+        self.sample_rate = summary["sample_rate"]
+        self.planned_steps = summary["planned_steps"]
+        self.budget_exhausted = summary["budget_stop"]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.ledger.load_state_dict(state_dict["ledger"])
