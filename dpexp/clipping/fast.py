@@ -237,7 +237,7 @@ def default_method(layer: Layer) -> str:
     per group the grouped convolution beats unfold + batched matmul on CPU (measured)."""
     module = layer.module
     if isinstance(module, nn.modules.conv._ConvNd):
-        return "conv" if module.in_channels // module.groups <= 32 else "unfold"
+        return "conv" if module.in_channels // module.groups <= 4 else "unfold"
     return layer.math.methods[0]
 
 
@@ -261,32 +261,35 @@ class AutoEngine(FastEngine):
 
     def choose(self, layer, local, x, g):
         layer_math = layer.math
-        candidates = ["ghost"] if local in layer_math.ghost_params else []
         dims = layer_math.dims(layer.module, x, g)
-        if not candidates or dims is None or instantiation_fits(dims):
+        if local not in layer_math.ghost_params or dims is None:
+            return default_method(layer)  # one way to instantiate (biases, norm layers)
+        # the ghost norm is not even timed where its Gram matrices are 4× past the mixed rule
+        candidates = ["ghost"] if mixed_rule(Dims(dims.T, 4 * dims.p, dims.D)) else []
+        if not candidates or instantiation_fits(dims):
             candidates += list(layer_math.methods)
         if len(candidates) == 1:
             return candidates[0]
-        seconds = {c: _time_path(layer, local, x, g, c) for c in candidates}
+        seconds = dict.fromkeys(candidates, float("inf"))
+        for _ in range(3):  # interleaved, best of three: robust to a busy machine
+            for c in candidates:
+                seconds[c] = min(seconds[c], _time_path(layer, local, x, g, c))
         return min(seconds, key=seconds.get)
 
 
 def _time_path(layer: Layer, local: str, x: torch.Tensor, g: torch.Tensor, path: str) -> float:
-    """Best of two timings of the norm and the clipped sum of one parameter by ``path``."""
+    """Seconds for the norm and the clipped sum of one parameter by ``path``."""
     layer_math, module = layer.math, layer.module
     factors = torch.ones(len(x), dtype=g.dtype, device=g.device)
-    best = float("inf")
-    for _ in range(2):
-        start = time.perf_counter()
-        if path == "ghost":
-            layer_math.ghost_sq_norm(module, x, g)
-            _ghost_sum(layer, local, x, g)(factors)
-        else:
-            per = layer_math.per_sample(module, x, g, local, path)
-            per.flatten(1).pow(2).sum(1)
-            torch.tensordot(factors, per, dims=1)
-        best = min(best, time.perf_counter() - start)
-    return best
+    start = time.perf_counter()
+    if path == "ghost":
+        layer_math.ghost_sq_norm(module, x, g)
+        _ghost_sum(layer, local, x, g)(factors)
+    else:
+        per = layer_math.per_sample(module, x, g, local, path)
+        per.flatten(1).pow(2).sum(1)
+        torch.tensordot(factors, per, dims=1)
+    return time.perf_counter() - start
 
 
 class MixedGhostEngine(FastEngine):
