@@ -67,6 +67,7 @@ def test_wandb_run_logs_privacy_facts_and_finishes(tiny_cfg, tmp_path, wandb_off
     assert len(list((tmp_path / "run" / "wandb").glob("offline-run-*"))) == 1
 
 
+@pytest.mark.slow  # a real `python -m dpexp.train -m` subprocess
 def test_multirun_jobs_never_share_a_wandb_run(tmp_path, wandb_offline):
     cmd = [sys.executable, "-m", "dpexp.train", "-m", *TINY_CLI, "logger=wandb", "seed=0,1",
            f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # fmt: skip

@@ -114,6 +114,7 @@ def test_multi_device_jobs_in_a_multirun_must_spawn(devices, strategy, ok):
             sweep.check_strategy(cfg)
 
 
+@pytest.mark.slow  # a real `python -m dpexp.train -m` subprocess
 def test_killed_sweep_resumes_without_repeating_finished_jobs(tmp_path):
     sweep_dir = tmp_path / "sweep"
     first = subprocess.Popen(
@@ -151,6 +152,7 @@ def test_killed_sweep_resumes_without_repeating_finished_jobs(tmp_path):
         assert read_result(sweep_dir / job)["epsilon"] <= target
 
 
+@pytest.mark.slow  # a real `python -m dpexp.train -m` subprocess
 def test_single_run_still_refuses_to_overwrite(tmp_path):
     cmd = [sys.executable, "-m", "dpexp.train", *TINY_CLI, f"hydra.run.dir={tmp_path / 'run'}"]
     write_json_atomic(tmp_path / "run" / RESULT_FILE, {"test_acc": 0.5})
