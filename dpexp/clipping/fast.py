@@ -172,10 +172,16 @@ class FastEngine(ClippingEngine):
 
         norms = sq.sqrt()
         factors = clip_factors(norms, max_grad_norm)
+        grads.clear()  # output gradients are no longer needed: free them before the sums
+        for layer in tape.layers:
+            layer.calls = []
         if self.two_pass:
             sums = self._second_pass(out, out_grad, factors, params, weights)
         else:
-            sums = {n: fn(factors) for n, fn in pending}
+            sums = {}
+            while pending:  # each layer's recorded tensors are released once summed
+                name, clipped = pending.pop()
+                sums[name] = clipped(factors)
         sums = {n: sums[n] if n in sums else torch.zeros_like(p) for n, p in params.items()}
         return sums, norms.detach(), loss.detach()
 
