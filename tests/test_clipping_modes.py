@@ -329,3 +329,16 @@ def test_decisions_survive_reattach_until_trainable_parameters_change():
             layer.name for layer in engine.tape.layers
         }
     assert_exact(model, x, y, modes=("auto",))
+
+
+def test_parameters_unfrozen_while_attached_are_not_dropped():
+    model = build_model("cnn_tanh", (1, 28, 28)).double()
+    x, y = batch((1, 28, 28))
+    model.features[0].requires_grad_(False)
+    engine = make_engine("bk", model)
+    with engine.attached_to_model():
+        engine.clipped_sum(x.double(), y, CLIP)
+        model.features[0].requires_grad_(True)  # e.g. a method unfreezing a layer
+        sums, _, _ = engine.clipped_sum(x.double(), y, 1e6)  # nothing clipped
+    ref = reference.per_sample_gradients(model, x.double(), y)
+    torch.testing.assert_close(sums["features.0.weight"], ref["features.0.weight"].sum(0))

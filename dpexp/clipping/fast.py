@@ -131,6 +131,9 @@ class FastEngine(ClippingEngine):
         if len(inputs) == 0:
             empty = inputs.new_zeros(0)
             return {n: torch.zeros_like(p) for n, p in params.items()}, empty, empty.sum()
+        if tuple(id(p) for p in params.values()) != self._trainable:
+            self.detach()  # a parameter was frozen or unfrozen since attach: plan again
+            self.attach()
         self._probe_broadcasts(inputs, targets)
         tape, weights = self.tape, weights or {}
         tape.start(len(inputs))
