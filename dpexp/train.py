@@ -33,7 +33,7 @@ from dpexp.methods import build_methods
 from dpexp.module import Classifier
 from dpexp.privacy import PrivacyCallback
 from dpexp.results import RESULT_FILE, config_hash, git_sha, read_result, write_json_atomic
-from dpexp.validate import validate
+from dpexp.validate import check_checkpoint, validate
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 log = logging.getLogger(__name__)
@@ -89,7 +89,9 @@ def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
     if cfg.get("resume"):
         if not last.is_file():
             log.warning("resume=true but %s does not exist: starting from scratch", last)
-        return str(last) if last.is_file() else None
+            return None
+        check_checkpoint(cfg, last, key="resume")  # e.g. truncated by a kill during the save
+        return str(last)
     if last.is_file():
         raise UserError(
             f"resume=false is invalid here: {last} exists (an unfinished run); pass "

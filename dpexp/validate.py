@@ -144,38 +144,44 @@ def validate_trainer(cfg: DictConfig) -> None:
 
 def validate_checkpoint(cfg: DictConfig) -> None:
     path = _get(cfg, "ckpt_path")
-    if path is None:
-        return
+    if path is not None:
+        check_checkpoint(cfg, path)
+
+
+def check_checkpoint(cfg: DictConfig, path: str | Path, key: str = "ckpt_path") -> None:
+    """``path`` must be a readable Lightning checkpoint of the configured model
+    (``key`` names the option that chose it: ckpt_path, or resume for last.ckpt)."""
+    path = str(path)
     if not Path(path).is_file():
-        _fail("ckpt_path", path, "an existing Lightning checkpoint file")
+        _fail(key, path, "an existing Lightning checkpoint file")
     import torch
 
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
-        _fail("ckpt_path", path, f"a readable checkpoint ({type(exc).__name__}: corrupt file?)")
+        _fail(key, path, f"a readable checkpoint ({type(exc).__name__}: corrupt file?)")
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        _fail("ckpt_path", path, "a Lightning checkpoint (no state_dict in the file)")
-    _check_checkpoint_model(cfg, path, ckpt["state_dict"])
+        _fail(key, path, "a Lightning checkpoint (no state_dict in the file)")
+    _check_checkpoint_model(cfg, path, ckpt["state_dict"], key)
 
 
-def _check_checkpoint_model(cfg: DictConfig, path: str, saved: dict) -> None:
+def _check_checkpoint_model(cfg: DictConfig, path: str, saved: dict, key: str) -> None:
     """The checkpoint must hold this config's model: same parameter names and shapes.
 
     Methods may add parameters (e.g. carriers), so only the model's own ones are compared."""
     from hydra.utils import instantiate
 
     expected = {f"model.{k}": v.shape for k, v in instantiate(cfg.model).state_dict().items()}
-    common = expected.keys() & saved.keys()
+    common = [name for name in expected if name in saved]  # in the model's layer order
     if not common:
-        _fail("ckpt_path", path, f"a checkpoint of model {cfg.model.name!r}: no parameter matches")
-    for key in sorted(common):
-        if tuple(saved[key].shape) != tuple(expected[key]):
+        _fail(key, path, f"a checkpoint of model {cfg.model.name!r}: no parameter matches")
+    for name in common:
+        if tuple(saved[name].shape) != tuple(expected[name]):
             _fail(
-                "ckpt_path",
+                key,
                 path,
-                f"a checkpoint of model {cfg.model.name!r} as configured: {key} has shape "
-                f"{list(saved[key].shape)} in the file, {list(expected[key])} in the model",
+                f"a checkpoint of model {cfg.model.name!r} as configured: {name} has shape "
+                f"{list(saved[name].shape)} in the file, {list(expected[name])} in the model",
             )
 
 
