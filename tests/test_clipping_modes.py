@@ -224,7 +224,7 @@ def test_unsupported_embedding_options_are_refused():
         make_engine("auto", model).attach()
 
 
-@pytest.mark.parametrize("path", ["ghost", "unfold", "conv"])
+@pytest.mark.parametrize("path", ["ghost", "unfold", "conv", "loop"])
 def test_every_conv_path_is_exact(path, monkeypatch):
     class Forced(BookKeepingEngine):
         mode = "forced"

@@ -17,6 +17,7 @@ its sum is Σ_i c_i (w ⊙ g_i).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -93,7 +94,7 @@ class FastEngine(ClippingEngine):
             dims = layer.math.dims(layer.module, x, g)
             if dims is not None and type(self).rule(dims):
                 return "ghost"
-        return default_method(layer)
+        return default_method(layer, g.shape[2:])
 
     # -- broadcast parameters are checked once per input shape ---------------------------
     def _probe_broadcasts(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
@@ -204,7 +205,7 @@ class FastEngine(ClippingEngine):
             weight = weights.get(full)
             (call, g), single = calls[0], len(calls) == 1
             # a weighted or repeatedly called parameter needs its per-sample gradient
-            method = default_method(layer)
+            method = default_method(layer, g.shape[2:])
             if single and weight is None:
                 method = self._strategy(layer, local, call.x, g)
             if method == "ghost":
@@ -241,12 +242,15 @@ class FastEngine(ClippingEngine):
         return sums
 
 
-def default_method(layer: Layer) -> str:
-    """Instantiation method when no timing is done: for convolutions with few input channels
-    per group the grouped convolution beats unfold + batched matmul on CPU (measured)."""
+def default_method(layer: Layer, positions: tuple[int, ...] = ()) -> str:
+    """Instantiation method when no timing is done (measured on CPU): for convolutions with
+    few input channels per group one grouped convolution, with many output positions the
+    native kernel per sample, else unfold + batched matmul."""
     module = layer.module
     if isinstance(module, nn.modules.conv._ConvNd):
-        return "conv" if module.in_channels // module.groups <= 4 else "unfold"
+        if module.in_channels // module.groups <= 4:
+            return "conv"
+        return "loop" if math.prod(positions) >= 256 else "unfold"
     return layer.math.methods[0]
 
 
@@ -272,7 +276,9 @@ class AutoEngine(FastEngine):
         layer_math = layer.math
         dims = layer_math.dims(layer.module, x, g)
         if local not in layer_math.ghost_params or dims is None:
-            return default_method(layer)  # one way to instantiate (biases, norm layers)
+            return default_method(
+                layer, g.shape[2:]
+            )  # one way to instantiate (biases, norm layers)
         # the ghost norm is not even timed where its Gram matrices are 4× past the mixed rule
         candidates = ["ghost"] if mixed_rule(Dims(dims.T, 4 * dims.p, dims.D)) else []
         if not candidates or instantiation_fits(dims):

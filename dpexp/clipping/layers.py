@@ -113,7 +113,7 @@ class ConvMath(LayerMath):
 
     base = nn.Conv2d
     ghost_params = ("weight",)
-    methods = ("unfold", "conv")
+    methods = ("unfold", "conv", "loop")
 
     def reference(self, module, x):
         return type(self)._base_of(module).forward(module, x)
@@ -157,11 +157,16 @@ class ConvMath(LayerMath):
     def per_sample(self, module, x, g, name, method: str = "unfold"):
         """``unfold``: batched matmul of output gradients and unfolded input patches;
         ``conv``: one grouped convolution (groups = B·groups) correlating each sample's
-        input with its own output gradient (stride and dilation swap roles)."""
+        input with its own output gradient (stride and dilation swap roles); ``loop``: the
+        native weight-gradient kernel once per sample (no unfolded copy: large T)."""
         if name == "bias":
             return g.reshape(len(g), g.shape[1], -1).sum(2)
         if method == "conv":
             return self._per_sample_by_conv(module, x, g)
+        if method == "loop":
+            return torch.stack(
+                [self.summed(module, x[i : i + 1], g[i : i + 1], name) for i in range(len(x))]
+            )
         cols, gg = self._unfold(module, x), self._grouped(module, g)
         return (gg @ cols.transpose(-1, -2)).reshape(len(g), *module.weight.shape)
 
