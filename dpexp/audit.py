@@ -144,10 +144,12 @@ def guess_membership(
 class GradientCanaries(Method):
     """Dirac gradient canaries injected into, and read back from, the DP step.
 
-    A Lightning callback placed after the privacy callback: at ``on_fit_start`` it draws the
-    canary coordinates among the trainable parameters (after every method has set up its
-    reparametrisation or freezing), installs itself as the step's injected gradients and as
-    the first method, whose ``transform_update`` sees the released noisy gradient.
+    A Lightning callback placed after the privacy callback: at ``on_fit_start`` (after every
+    method has set up its reparametrisation or freezing) it installs itself as the step's
+    injected gradients and as the first method, whose ``transform_update`` sees the released
+    noisy gradient. The canary coordinates are drawn at the first step, among the trainable
+    coordinates the methods' weights keep at that step (a fixed public mask, e.g. freezing,
+    would silence canaries on masked coordinates; the mask is no secret of the private data).
     """
 
     name = "audit_canaries"
@@ -177,27 +179,40 @@ class GradientCanaries(Method):
         if not step.private:
             raise ConfigError("privacy.enabled=false is invalid for an audit: set privacy=dp")
         params = trainable_parameters(step.model)
-        sizes = [p.numel() for _, p in params]
-        if self.m > sum(sizes):
-            raise ConfigError(
-                f"audit.canaries={self.m} is invalid: at most the {sum(sizes)} trainable "
-                "coordinates (one Dirac canary per coordinate)"
-            )
-        flat = torch.randperm(sum(sizes), generator=self.generator)[: self.m]
-        offsets = torch.tensor([0, *np.cumsum(sizes)])
-        owner = torch.bucketize(flat, offsets[1:], right=True)
-        for k, (name, p) in enumerate(params):
-            ids = (owner == k).nonzero().flatten()
-            if len(ids):
-                self.coordinates[name] = (ids, flat[ids] - offsets[k])
-            self.shapes[name] = p.shape
+        self.shapes = {name: p.shape for name, p in params}
         self.clip_norm = step.max_grad_norm
         self.device, self.dtype = params[0][1].device, params[0][1].dtype
         step.injected_gradients = self.gradients
         step.methods.insert(0, self)
 
-    def gradients(self, step: int) -> list[dict[str, torch.Tensor]]:
+    def choose_coordinates(self, weights: dict[str, torch.Tensor] | None) -> None:
+        """One distinct coordinate per canary, uniformly among those with weight ≠ 0."""
+        kept = [
+            torch.broadcast_to(weights[n] != 0, shape).flatten().cpu()
+            if weights and n in weights
+            else torch.ones(shape.numel(), dtype=torch.bool)
+            for n, shape in self.shapes.items()
+        ]
+        eligible = torch.cat(kept).nonzero().flatten()
+        if self.m > len(eligible):
+            raise ConfigError(
+                f"audit.canaries={self.m} is invalid: at most the {len(eligible)} trainable "
+                "coordinates the method updates (one Dirac canary per coordinate)"
+            )
+        flat = eligible[torch.randperm(len(eligible), generator=self.generator)[: self.m]]
+        offsets = torch.tensor([0, *np.cumsum([len(k) for k in kept])])
+        owner = torch.bucketize(flat, offsets[1:], right=True)
+        for k, name in enumerate(self.shapes):
+            ids = (owner == k).nonzero().flatten()
+            if len(ids):
+                self.coordinates[name] = (ids, flat[ids] - offsets[k])
+
+    def gradients(
+        self, step: int, weights: dict[str, torch.Tensor] | None
+    ) -> list[dict[str, torch.Tensor]]:
         """Per-sample gradients of the included canaries Poisson-sampled into this step."""
+        if not self.coordinates:
+            self.choose_coordinates(weights)
         sampled = self.included & (torch.rand(self.m, generator=self.generator) < self.sample_rate)
         rows = torch.full((self.m,), -1, dtype=torch.long)
         rows[sampled] = torch.arange(int(sampled.sum()))

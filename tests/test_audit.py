@@ -27,6 +27,7 @@ from dpexp.audit import (
 )
 from dpexp.clipping import make_engine
 from dpexp.errors import ConfigError
+from dpexp.methods.base import Method
 from dpexp.privacy.step import GradientStep
 
 AUDIT = ["+audit=default", "callbacks=none", "privacy.delta=1e-5", "privacy.accountant=rdp"]
@@ -96,6 +97,32 @@ def test_guesses_use_top_and_bottom_scores_with_bonferroni():
     assert inverted.correct == 0 and inverted.epsilon_lower_bound == 0.0
 
 
+class HalfMask(Method):
+    """Drops the first half of every parameter's coordinates (a fixed public mask)."""
+
+    def coordinate_weights(self, step):
+        return {
+            n: (torch.arange(p.numel()) >= p.numel() // 2).double().view_as(p)
+            for n, p in self.params
+        }
+
+
+def dp_step_with_canaries(model, canaries, methods=(), C=0.3, B=4.0):
+    step = GradientStep(
+        model,
+        methods,
+        engine=make_engine("per_sample", model),
+        noise_multiplier=0.0,
+        max_grad_norm=C,
+        expected_batch_size=B,
+        sample_rate=0.5,
+        ledger=Ledger(1e-5, "rdp"),
+        noise_generator=torch.Generator().manual_seed(0),
+    )
+    canaries.on_fit_start(None, type("Module", (), {"gradient_step": step})())
+    return step
+
+
 def test_canary_is_clipped_to_C_and_moves_only_its_coordinate():
     """Noise off, one sampled canary of norm 2C: the update is the batch's clipped mean plus
     exactly C/B on the canary's coordinate (the brute-force clipped sum is the reference)."""
@@ -104,22 +131,12 @@ def test_canary_is_clipped_to_C_and_moves_only_its_coordinate():
     x, y = torch.randn(5, 6, dtype=torch.float64), torch.arange(5) % 4
     C, B = 0.3, 4.0
 
-    def update(with_canary: bool) -> dict[str, torch.Tensor]:
+    def update(with_canary: bool):
         net = nn.Sequential(nn.Flatten(), nn.Linear(6, 4)).double()
         net.load_state_dict(model.state_dict())
-        step = GradientStep(
-            net,
-            engine=make_engine("per_sample", net),
-            noise_multiplier=0.0,
-            max_grad_norm=C,
-            expected_batch_size=B,
-            sample_rate=0.5,
-            ledger=Ledger(1e-5, "rdp"),
-            noise_generator=torch.Generator().manual_seed(0),
-        )
         canaries = GradientCanaries(canaries=1, canary_norm=2.0, sample_rate=1.0, seed=0)
         canaries.included[:] = with_canary
-        canaries.on_fit_start(None, type("M", (), {"gradient_step": step})())
+        step = dp_step_with_canaries(net, canaries, C=C, B=B)
         before = {n: p.detach().clone() for n, p in net.named_parameters()}
         with step.engine.attached_to_model():
             step((x, y), torch.optim.SGD(net.parameters(), lr=1.0))
@@ -134,6 +151,24 @@ def test_canary_is_clipped_to_C_and_moves_only_its_coordinate():
     expected[offset + index] = C / B
     torch.testing.assert_close(diff, expected, rtol=1e-10, atol=1e-15)
     assert canaries.scores.item() == pytest.approx(with_canary[name].flatten()[index].item())
+
+
+def test_canaries_sit_on_coordinates_the_method_updates():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(6, 4)).double()
+    mask = HalfMask()
+    mask.params = list(net.named_parameters())
+    canaries = GradientCanaries(canaries=14, canary_norm=2.0, sample_rate=1.0, seed=3)
+    step = dp_step_with_canaries(net, canaries, methods=[mask])
+    x, y = torch.randn(3, 6, dtype=torch.float64), torch.arange(3)
+    with step.engine.attached_to_model():
+        step((x, y), torch.optim.SGD(net.parameters(), lr=1.0))
+    weights = mask.coordinate_weights(0)
+    chosen = [weights[n].flatten()[i] for n, (_, i) in canaries.coordinates.items()]
+    assert torch.cat(chosen).eq(1).all() and len(torch.cat(chosen)) == 14  # all 14 kept ones
+    too_many = GradientCanaries(15, 2.0, 1.0, 0)
+    too_many.shapes = {n: p.shape for n, p in net.named_parameters()}
+    with pytest.raises(ConfigError, match=r"audit\.canaries=15"):
+        too_many.choose_coordinates(weights)
 
 
 def test_audit_without_noise_finds_a_high_lower_bound(tiny_cfg, tmp_path):

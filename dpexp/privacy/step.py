@@ -18,10 +18,12 @@ from torch import nn
 
 from dpexp.accounting import Ledger
 from dpexp.clipping import ClippingEngine, clip_materialized, trainable_parameters
+from dpexp.clipping.base import Weights
 from dpexp.methods.base import Method
 
-# Per-sample gradients of extra examples for one step (B_extra × param shape, by name).
-InjectedGradients = Callable[[int], Iterable[dict[str, torch.Tensor]]]
+# Per-sample gradients of extra examples for (step, coordinate weights): chunks of
+# B_extra × param shape tensors by name.
+InjectedGradients = Callable[[int, Weights], Iterable[dict[str, torch.Tensor]]]
 
 
 def world_size() -> int:
@@ -110,7 +112,8 @@ class GradientStep:
                 sums[n] += g
             norms.append(chunk_norms.detach())
             loss = loss + chunk_loss.detach().cpu()
-        for per_sample in self.injected_gradients(self.steps) if self.injected_gradients else ():
+        injected = self.injected_gradients(self.steps, weights) if self.injected_gradients else ()
+        for per_sample in injected:
             for n, g in clip_materialized(per_sample, self.max_grad_norm, weights)[0].items():
                 sums[n] += g
         std = self.noise_multiplier * self.max_grad_norm
