@@ -27,6 +27,7 @@ TINY_CLI = [
     "dataset.batch_size=32",
     "trainer.max_epochs=1",
     "privacy.delta=1e-3",
+    "privacy.accountant=rdp",  # calibrates σ faster than prv
     "logger=none",
     "trainer.enable_progress_bar=false",
 ]
@@ -34,9 +35,10 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HYDRA_FULL
 
 
 def sweep_command(sweep_dir: Path, *extra: str) -> list[str]:
+    """A 3-job sweep (seed × ε=3)."""
     return [
         sys.executable, "-m", "dpexp.train", "-m", *TINY_CLI,
-        "privacy.epsilon=1,3", "seed=0,1", f"hydra.sweep.dir={sweep_dir}", *extra,
+        "privacy.epsilon=3", "seed=0,1,2", f"hydra.sweep.dir={sweep_dir}", *extra,
     ]  # fmt: skip
 
 
@@ -127,7 +129,7 @@ def test_killed_sweep_resumes_without_repeating_finished_jobs(tmp_path):
     os.killpg(first.pid, signal.SIGKILL)  # the whole sweep, as a scheduler would
     first.wait()
     done_before = finished(sweep_dir)
-    assert 1 <= len(done_before) < 4, "the sweep must be killed part-way"
+    assert 1 <= len(done_before) < 3, "the sweep must be killed part-way"
     mtimes = {name: (sweep_dir / name / RESULT_FILE).stat().st_mtime_ns for name in done_before}
 
     second = subprocess.run(
@@ -136,17 +138,15 @@ def test_killed_sweep_resumes_without_repeating_finished_jobs(tmp_path):
     )  # fmt: skip
     assert second.returncode == 0, second.stderr[-2000:]
     done_after = finished(sweep_dir)
-    assert len(done_after) == 4
+    assert len(done_after) == 3
     skipped = [line for line in second.stdout.splitlines() if line.startswith("skipped")]
     assert len(skipped) == len(done_before)
     for name, content in done_before.items():  # finished jobs were not run again
         assert done_after[name] == content
         assert (sweep_dir / name / RESULT_FILE).stat().st_mtime_ns == mtimes[name]
     rows = report.collect(sweep_dir)
-    assert (rows["status"] == report.STATUS_COMPLETE).sum() == 4
-    assert sorted(zip(rows["privacy.epsilon"], rows["seed"], strict=True)) == [
-        (1, 0), (1, 1), (3, 0), (3, 1),
-    ]  # fmt: skip
+    assert (rows["status"] == report.STATUS_COMPLETE).sum() == 3
+    assert sorted(rows["seed"]) == [0, 1, 2]
     for job, target in zip(rows["job"], rows["privacy.epsilon"], strict=True):
         assert json.loads((sweep_dir / job / sweep.JOB_FILE).read_text())["identity_hash"]
         assert read_result(sweep_dir / job)["epsilon"] <= target
