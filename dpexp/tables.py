@@ -179,7 +179,7 @@ def merge(table: PaperTable, done: pd.DataFrame) -> pd.DataFrame:
     out = grouped.agg(
         seeds=("_metric", "size"), ours=("_metric", "mean"), ours_std=("_metric", "std")
     ).reset_index()
-    for extra in ("epsilon", "epochs", "mem_ratio"):
+    for extra in ("epsilon", "epsilon_paper", "acceptance_rate", "epochs", "mem_ratio"):
         if extra in done:
             out[extra] = grouped[extra].mean().to_numpy()
     out["ours_std"] = out["ours_std"].fillna(0.0)
@@ -188,6 +188,9 @@ def merge(table: PaperTable, done: pd.DataFrame) -> pd.DataFrame:
     ]
     out["diff"] = out["ours"] - out["published"]
     return out
+
+
+DIGITS = {"epsilon": 3, "epsilon_paper": 3, "epochs": 0}
 
 
 def _cell(value: object, digits: int = 2) -> str:
@@ -230,7 +233,7 @@ def document(name: str, table: PaperTable, merged: pd.DataFrame, missing: list[s
     ]
     for _, row in merged.iterrows():
         ours = f"{row['ours']:.2f} ± {row['ours_std']:.2f}"
-        cells = [_cell(row[c], 3 if c == "epsilon" else 2) for c in cols]
+        cells = [_cell(row[c], DIGITS.get(c, 2)) for c in cols]
         cells += [ours, _cell(row["published"]), _cell(row["diff"])]
         lines.append("| " + " | ".join(cells) + " |")
     if missing:

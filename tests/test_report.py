@@ -140,7 +140,7 @@ def test_paper_table_sets_ours_beside_published(tmp_path):
     assert ("fashion_mnist", "screen") not in merged.index  # not run: not invented
     text = tables.document("sa_dpsgd", table, merged.reset_index(), missing,
                            ["trainer.max_epochs=3"])  # fmt: skip
-    assert "| mnist | dpsgd | 2 | 2.990 | 3.00 | 97.50 ± 0.71 | 98.12 | -0.62 |" in text
+    assert "| mnist | dpsgd | 2 | 2.990 | 3 | 97.50 ± 0.71 | 98.12 | -0.62 |" in text
     assert "- Epochs: 3 (paper: 40)" in text and "Hardware: " in text
     assert "Deviations from the paper:" in text and "trainer.max_epochs=3" in text
     assert (sweep_dir / "report" / "results.csv").is_file()
