@@ -13,10 +13,13 @@ of Differentially Private Machine Learning", USENIX Security 2023):
    and :class:`~dpexp.privacy.step.GradientStep` clips it with the configured coordinate
    weights, sums it with the batch, adds the noise and runs every method hook on the result.
 3. The auditor sees the released noisy gradient of every step (it is what the accountant's
-   (σ, q) mechanism releases) and scores canary i by its coordinate summed over the steps.
+   (σ, q) mechanism releases) and reads canary i's coordinate x_t at every step t. Two scores:
+   ``sum`` = Σ_t x_t (best when noise dominates) and ``detrended`` = Σ_t (x_t − the median of
+   x over the steps around t), which removes the slowly varying gradient of the real data at
+   that coordinate, so the canary's jumps of C/B stand out when noise is small or off.
 4. It guesses "in" for the r/2 highest scores and "out" for the r/2 lowest; the number of
    correct guesses is turned into a lower bound on ε that holds with the stated confidence
-   (:func:`epsilon_lower_bound`). Several r are tried with a Bonferroni correction.
+   (:func:`epsilon_lower_bound`). Both scores and several r are tried, Bonferroni-corrected.
 """
 
 from __future__ import annotations
@@ -106,37 +109,52 @@ def epsilon_lower_bound(
     return low
 
 
+def summed_scores(series: torch.Tensor) -> np.ndarray:
+    """Σ_t x_t per canary, from the steps × canaries series of released coordinates."""
+    return series.sum(0).numpy()
+
+
+def detrended_scores(series: torch.Tensor, window: int) -> np.ndarray:
+    """Σ_t (x_t − median of x over the ``window`` steps centred on t), per canary."""
+    half = window // 2
+    padded = torch.nn.functional.pad(series.T, (half, half), value=math.nan)
+    local = padded.unfold(1, window, 1).nanmedian(-1).values.T
+    return (series - local).sum(0).numpy()
+
+
 @dataclass
 class Guesses:
     """Outcome of guessing membership from canary scores."""
 
+    score: str
     guesses: int
     correct: int
     epsilon_lower_bound: float
 
 
 def guess_membership(
-    scores: np.ndarray,
+    scores: dict[str, np.ndarray],
     included: np.ndarray,
     guess_counts: list[int],
     delta: float,
     confidence: float,
 ) -> Guesses:
-    """Best ε lower bound over the guess counts r (top r/2 "in", bottom r/2 "out").
+    """Best ε lower bound over the scores and guess counts r (top r/2 "in", bottom r/2 "out").
 
-    Trying k counts is k tests: each runs at significance (1 − confidence)/k (Bonferroni),
-    so the best of them still holds with probability ≥ ``confidence``.
+    Trying k (score, r) pairs is k tests: each runs at significance (1 − confidence)/k
+    (Bonferroni), so the best of them still holds with probability ≥ ``confidence``.
     """
-    m = len(scores)
-    order = np.argsort(-scores, kind="stable")
-    per_test = 1.0 - (1.0 - confidence) / len(guess_counts)
-    best = Guesses(0, 0, 0.0)
-    for r in guess_counts:
-        top, bottom = order[: r // 2], order[m - (r - r // 2) :]
-        correct = int(included[top].sum() + (~included[bottom]).sum())
-        bound = epsilon_lower_bound(m, r, correct, delta, per_test)
-        if bound > best.epsilon_lower_bound or best.guesses == 0:
-            best = Guesses(r, correct, bound)
+    per_test = 1.0 - (1.0 - confidence) / (len(scores) * len(guess_counts))
+    best = Guesses("", 0, 0, 0.0)
+    for name, score in scores.items():
+        m = len(score)
+        order = np.argsort(-score, kind="stable")
+        for r in guess_counts:
+            top, bottom = order[: r // 2], order[m - (r - r // 2) :]
+            correct = int(included[top].sum() + (~included[bottom]).sum())
+            bound = epsilon_lower_bound(m, r, correct, delta, per_test)
+            if bound > best.epsilon_lower_bound or best.guesses == 0:
+                best = Guesses(name, r, correct, bound)
     return best
 
 
@@ -168,11 +186,10 @@ class GradientCanaries(Method):
         stream = np.random.SeedSequence([seed, AUDIT_STREAM]).generate_state(1)[0]
         self.generator = torch.Generator().manual_seed(int(stream))
         self.included = torch.rand(canaries, generator=self.generator) < 0.5
-        self.scores = torch.zeros(canaries, dtype=torch.float64)
+        self.released: list[torch.Tensor] = []  # per step: each canary's released coordinate
         self.coordinates: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.shapes: dict[str, torch.Size] = {}
         self.clip_norm = math.nan
-        self.steps_seen = 0
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step = pl_module.gradient_step
@@ -231,11 +248,23 @@ class GradientCanaries(Method):
         return chunks
 
     def transform_update(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Score: each canary's coordinate of the released noisy gradient, summed over steps."""
+        """Record each canary's coordinate of the released noisy gradient."""
+        values = torch.zeros(self.m, dtype=torch.float64)
         for name, (ids, index) in self.coordinates.items():
-            self.scores[ids] += grads[name].detach().flatten()[index].double().cpu()
-        self.steps_seen += 1
+            values[ids] = grads[name].detach().flatten()[index].double().cpu()
+        self.released.append(values)
         return grads
+
+    @property
+    def series(self) -> torch.Tensor:
+        """Released canary coordinates, steps × canaries."""
+        return torch.stack(self.released) if self.released else torch.zeros(0, self.m)
+
+    def scores(self, window: int) -> dict[str, np.ndarray]:
+        return {
+            "sum": summed_scores(self.series),
+            "detrended": detrended_scores(self.series, window),
+        }
 
 
 # -- the audit run --------------------------------------------------------------------------
@@ -257,6 +286,9 @@ def validate_audit(cfg: DictConfig) -> None:
         raise ConfigError(f"audit.canaries={m!r} is invalid: an integer >= 2")
     if not 0 < audit.confidence < 1:
         raise ConfigError(f"audit.confidence={audit.confidence!r} is invalid: in (0, 1)")
+    window = audit.detrend_window
+    if isinstance(window, bool) or not isinstance(window, int) or window < 3 or window % 2 == 0:
+        raise ConfigError(f"audit.detrend_window={window!r} is invalid: an odd integer >= 3")
     if not cfg.privacy.enabled:
         raise ConfigError("privacy.enabled=false is invalid for an audit: set privacy=dp")
     guess_counts(m, list(audit.guess_fractions))
@@ -275,7 +307,7 @@ def audit(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     trainer.fit(module, datamodule=datamodule)
     claimed = privacy.spent_epsilon()
     best = guess_membership(
-        canaries.scores.numpy(),
+        canaries.scores(cfg.audit.detrend_window),
         canaries.included.numpy(),
         guess_counts(cfg.audit.canaries, list(cfg.audit.guess_fractions)),
         privacy.delta,
@@ -293,7 +325,8 @@ def audit(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         "delta": privacy.delta,
         "noise_multiplier": privacy.noise_multiplier,
         "sample_rate": privacy.sample_rate,
-        "steps": canaries.steps_seen,
+        "score": best.score,
+        "steps": len(canaries.released),
     }
     write_json_atomic(output_dir / AUDIT_FILE, line)
     return line

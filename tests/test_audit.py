@@ -21,9 +21,11 @@ from dpexp.accounting import Ledger
 from dpexp.audit import (
     GradientCanaries,
     audit,
+    detrended_scores,
     epsilon_lower_bound,
     guess_membership,
     one_run_p_value,
+    summed_scores,
 )
 from dpexp.clipping import make_engine
 from dpexp.errors import ConfigError
@@ -87,14 +89,28 @@ def test_bound_is_monotone_in_evidence_delta_and_confidence():
 
 def test_guesses_use_top_and_bottom_scores_with_bonferroni():
     included = np.array([True, False] * 50)
-    perfect = guess_membership(included.astype(float), included, [10, 100], 0.0, 0.95)
-    assert (perfect.guesses, perfect.correct) == (100, 100)
-    # two tests, each at significance 0.025
-    assert perfect.epsilon_lower_bound == pytest.approx(
-        epsilon_lower_bound(100, 100, 100, 0.0, 0.975), abs=1e-9
+    scores = {"inverted": -included.astype(float), "perfect": included.astype(float)}
+    best = guess_membership(scores, included, [10, 100], 0.0, 0.95)
+    assert (best.score, best.guesses, best.correct) == ("perfect", 100, 100)
+    # 2 scores × 2 guess counts = 4 tests, each at significance 0.05 / 4
+    assert best.epsilon_lower_bound == pytest.approx(
+        epsilon_lower_bound(100, 100, 100, 0.0, 1 - 0.05 / 4), abs=1e-9
     )
-    inverted = guess_membership(-included.astype(float), included, [10, 100], 0.0, 0.95)
-    assert inverted.correct == 0 and inverted.epsilon_lower_bound == 0.0
+    worst = guess_membership({"inverted": scores["inverted"]}, included, [10], 0.0, 0.95)
+    assert worst.correct == 0 and worst.epsilon_lower_bound == 0.0
+
+
+def test_detrended_score_removes_a_slow_drift_and_keeps_the_jumps():
+    steps = torch.arange(40, dtype=torch.float64)
+    drift = torch.stack([0.02 * steps, 0.1 * steps + 3, torch.sin(steps / 7)], 1)
+    jumps = torch.zeros(40, 3, dtype=torch.float64)
+    jumps[[5, 20, 33], 0] = 1.0  # canary 0 sampled three times, canaries 1 and 2 never
+    detrended = detrended_scores(drift + jumps, window=9)
+    # each jump survives, less a one-rank shift (0.02) of the 8 neighbouring medians
+    assert 3.0 - 3 * 8 * 0.02 - 1e-9 <= detrended[0] <= 3.0
+    assert abs(detrended[1]) < 0.35 and abs(detrended[2]) < 0.35  # drifts mostly cancel
+    summed = summed_scores(drift + jumps)  # the drift dominates the plain sum
+    assert summed[1] > summed[0]
 
 
 class HalfMask(Method):
@@ -150,7 +166,7 @@ def test_canary_is_clipped_to_C_and_moves_only_its_coordinate():
     expected = torch.zeros_like(diff)
     expected[offset + index] = C / B
     torch.testing.assert_close(diff, expected, rtol=1e-10, atol=1e-15)
-    assert canaries.scores.item() == pytest.approx(with_canary[name].flatten()[index].item())
+    assert canaries.series.item() == pytest.approx(with_canary[name].flatten()[index].item())
 
 
 def test_canaries_sit_on_coordinates_the_method_updates():
