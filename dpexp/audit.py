@@ -291,6 +291,10 @@ def validate_audit(cfg: DictConfig) -> None:
         raise ConfigError(f"audit.detrend_window={window!r} is invalid: an odd integer >= 3")
     if not cfg.privacy.enabled:
         raise ConfigError("privacy.enabled=false is invalid for an audit: set privacy=dp")
+    devices = cfg.trainer.get("devices", 1)
+    if devices != 1 or cfg.trainer.get("num_nodes", 1) != 1:
+        # every process would inject its own canaries into the shared logical batch
+        raise ConfigError(f"trainer.devices={devices!r} is invalid for an audit: 1 (one process)")
     guess_counts(m, list(audit.guess_fractions))
 
 

@@ -221,6 +221,8 @@ def test_audit_with_noise_stays_below_the_claim(tiny_cfg, tmp_path, clipping):
         ("audit.guess_fractions=[0,0.5]", "audit.guess_fractions"),
         ("audit.canary_norm=0.5", "audit.canary_norm"),
         ("privacy.noise_multiplier=0", "privacy.noise_multiplier"),
+        ("audit.detrend_window=4", "audit.detrend_window"),
+        ("trainer=ddp_spawn_cpu", "trainer.devices"),
     ],
 )
 def test_bad_audit_options_fail_with_one_line(tiny_cfg, tmp_path, override, key):
