@@ -4,7 +4,7 @@ python -m dpexp.tables <table> [--run] [--doc PATH] [override ...]
 
 ``--run`` runs the table's sweeps first (``python -m dpexp.train -m ...``, resumable: finished
 jobs are skipped), with the extra overrides appended (e.g. ``trainer.max_epochs=3``). Then
-every sweep dir is reported (``<sweep>/report``) and ``docs/results/<table>.md`` is written:
+every sweep dir is reported (``<sweep>/report``) and ``docs/results/tables/<table>.md`` is written:
 the command, hardware, epochs, deviations from the paper, and one row per table cell with our
 mean ± std over seeds, the published number (or n/a) and the difference.
 """
@@ -95,14 +95,15 @@ TABLES: dict[str, PaperTable] = {
         source="Yu et al., Large scale private learning via low-rank reparametrization, "
         "ICML 2021, arXiv 2106.09352",
         keys=("dataset", "method", "rgp.rank", "privacy.epsilon"),
+        # The experiment's own sweep dirs and job names: jobs already run there are reused.
         sweeps=(
-            Sweep("rgp_ablation_dpsgd", ("experiment=rgp_ablation", "method=dpsgd", "rgp.rank=8")),
-            Sweep("rgp_ablation_rgp", ("experiment=rgp_ablation", "method=rgp")),
+            Sweep("rgp_ablation", ("experiment=rgp_ablation", "method=dpsgd", "rgp.rank=8")),
+            Sweep("rgp_ablation", ("experiment=rgp_ablation", "method=rgp")),
             Sweep(
-                "rgp_ablation_fmnist_dpsgd",
+                "rgp_ablation_fmnist",
                 ("experiment=rgp_ablation_fmnist", "method=dpsgd", "rgp.rank=8"),
             ),
-            Sweep("rgp_ablation_fmnist_rgp", ("experiment=rgp_ablation_fmnist", "method=rgp")),
+            Sweep("rgp_ablation_fmnist", ("experiment=rgp_ablation_fmnist", "method=rgp")),
         ),
         deviations="The paper's vision results are on CIFAR-10; its MNIST/FashionMNIST "
         "numbers are not quoted here (n/a). DP-SGD rows carry rgp.rank=8, unused by DP-SGD.",
@@ -158,22 +159,28 @@ def collect(table: PaperTable, root: Path, overrides: list[str]) -> tuple[pd.Dat
         if not paths:
             raise UserError(f"no benchmark results at {table.bench_csv}: run `make bench`")
         return pd.concat([pd.read_csv(p) for p in paths], ignore_index=True), []
-    frames, missing = [], []
-    for sweep in table.sweeps:
-        sweep_dir = root / "multirun" / sweep.task_name(overrides)
-        df = report.collect(sweep_dir)
-        report.summarize(df, sweep_dir / "report")
+    frames, missing, override_keys = [], [], {}
+    names = dict.fromkeys(sweep.task_name(overrides) for sweep in table.sweeps)  # shared dirs once
+    for name in names:
+        df = report.collect(root / "multirun" / name)
+        report.summarize(df, root / "multirun" / name / "report")
+        override_keys.update(dict.fromkeys(df.attrs["overrides"]))
         frames.append(df[df["status"] == report.STATUS_COMPLETE])
         undone = df[df["status"] != report.STATUS_COMPLETE]
-        missing += [
-            f"{sweep.name}: {s}: {j}" for s, j in zip(undone.status, undone.job, strict=True)
-        ]
-    return pd.concat(frames, ignore_index=True), missing
+        missing += [f"{name}: {s}: {j}" for s, j in zip(undone.status, undone.job, strict=True)]
+    done = pd.concat(frames, ignore_index=True)
+    done.attrs["overrides"] = list(override_keys)
+    return done, missing
 
 
 def merge(table: PaperTable, done: pd.DataFrame) -> pd.DataFrame:
-    """One row per cell: ours (mean ± std over seeds), published, difference."""
+    """One row per cell: ours (mean ± std over seeds), published, difference.
+
+    Any other override that varies among the jobs (e.g. a wider model run into the same sweep
+    dir) becomes a column too, so such jobs get their own rows instead of being averaged in."""
     keys = [k for k in table.keys if k in done]
+    varying = report.factors(done, done.attrs.get("overrides", []))
+    keys += [k for k in varying if k not in keys and k not in ("task_name", "experiment")]
     metric = done[table.metric].astype(float) * table.scale
     grouped = done.assign(_metric=metric).groupby(keys, dropna=False)
     out = grouped.agg(
@@ -190,7 +197,16 @@ def merge(table: PaperTable, done: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-DIGITS = {"epsilon": 3, "epsilon_paper": 3, "epochs": 0}
+# Measured columns and their decimals; every other column names the cell (an override).
+DIGITS = {"epsilon": 3, "epsilon_paper": 3, "acceptance_rate": 2, "epochs": 0, "seeds": 0,
+          "mem_ratio": 2}  # fmt: skip
+
+
+def _key_cell(value: object) -> str:
+    """An override value: ``–`` where a job did not set it, integers without decimals."""
+    if isinstance(value, float):
+        return "–" if pd.isna(value) else f"{value:g}"
+    return str(value)
 
 
 def _cell(value: object, digits: int = 2) -> str:
@@ -201,7 +217,7 @@ def _cell(value: object, digits: int = 2) -> str:
 
 def document(name: str, table: PaperTable, merged: pd.DataFrame, missing: list[str],
              overrides: list[str]) -> str:  # fmt: skip
-    """The Markdown page for docs/results/<name>.md."""
+    """The Markdown page for docs/results/tables/<name>.md."""
     unit = "%" if table.scale == 100 else "×"
     metric = f"{table.metric} ({unit})"
     cols = [c for c in merged.columns if c not in ("ours", "ours_std", "published", "diff")]
@@ -233,7 +249,7 @@ def document(name: str, table: PaperTable, merged: pd.DataFrame, missing: list[s
     ]
     for _, row in merged.iterrows():
         ours = f"{row['ours']:.2f} ± {row['ours_std']:.2f}"
-        cells = [_cell(row[c], DIGITS.get(c, 2)) for c in cols]
+        cells = [_cell(row[c], DIGITS[c]) if c in DIGITS else _key_cell(row[c]) for c in cols]
         cells += [ours, _cell(row["published"]), _cell(row["diff"])]
         lines.append("| " + " | ".join(cells) + " |")
     if missing:
@@ -246,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("table", choices=sorted(TABLES))
     parser.add_argument("--run", action="store_true", help="run/resume the sweeps first")
-    parser.add_argument("--doc", type=Path, help="default: docs/results/<table>.md")
+    parser.add_argument("--doc", type=Path, help="default: docs/results/tables/<table>.md")
     parser.add_argument("overrides", nargs="*", help="appended to every sweep command")
     args = parser.parse_intermixed_args(argv)  # overrides may follow --run
     table = TABLES[args.table]
@@ -261,7 +277,8 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as exc:
         print(f"dpexp.tables: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    doc = args.doc or REPO / "docs" / "results" / f"{args.table}.md"
+    # Not docs/results/<table>.md: the method owners write their own notes there.
+    doc = args.doc or REPO / "docs" / "results" / "tables" / f"{args.table}.md"
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)
     print(text)

@@ -152,7 +152,7 @@ def test_tables_without_published_numbers_say_so():
                          "pruning.rate": [0.5] * 2, "privacy.epsilon": [1] * 2,
                          "test_acc": [0.9, 0.92]})  # fmt: skip
     text = tables.document("pruning_tradeoff", table, tables.merge(table, done), [], [])
-    assert "| mnist | random | 0.50 | 1 | 2 | 91.00 ± 1.41 | n/a | n/a |" in text
+    assert "| mnist | random | 0.5 | 1 | 2 | 91.00 ± 1.41 | n/a | n/a |" in text
 
 
 def test_tables_cli_takes_overrides_after_flags(tmp_path, monkeypatch, capsys):
@@ -160,3 +160,16 @@ def test_tables_cli_takes_overrides_after_flags(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exc:
         tables.main(["clipping_speed", "--doc", str(tmp_path / "t.md"), "bench.threads=1"])
     assert exc.value.code == 2 and "run `make bench`" in capsys.readouterr().err
+
+
+def test_jobs_with_extra_overrides_get_their_own_rows():
+    table = tables.TABLES["rgp_ablation"]
+    done = pd.DataFrame({"dataset": ["mnist"] * 3, "method": ["rgp"] * 3, "rgp.rank": [4] * 3,
+                         "privacy.epsilon": [3] * 3, "model.width": [None, None, 2],
+                         "seed": [0, 1, 0], "test_acc": [0.7, 0.72, 0.75]})  # fmt: skip
+    done.attrs["overrides"] = ["method", "rgp.rank", "privacy.epsilon", "model.width", "seed"]
+    merged = tables.merge(table, done)
+    assert merged["seeds"].tolist() == [1, 2] or merged["seeds"].tolist() == [2, 1]
+    text = tables.document("rgp_ablation", table, merged, [], [])
+    assert "| mnist | rgp | 4 | 3 | – | 2 | 71.00 ± 1.41 | n/a | n/a |" in text
+    assert "| mnist | rgp | 4 | 3 | 2 | 1 | 75.00 ± 0.00 | n/a | n/a |" in text
