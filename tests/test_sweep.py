@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -72,6 +73,16 @@ def test_job_dirs_come_from_overrides_without_logging_keys(tiny_cfg, tmp_path):
     for key in ("sweep", "logger", "resume"):
         assert f"{key}=" not in subdir.replace("+", "")
     assert dict(hydra.sweeper.params) == {"privacy.epsilon": "1,3,8", "seed": "0,1,2"}
+    stamped = tiny_cfg("sweep_stamp=true")
+    assert re.fullmatch(r"multirun/train/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d",
+                        OmegaConf.select(stamped, "hydra.sweep.dir"))  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "conf" / "sweep").glob("*.yaml")))
+def test_every_sweep_config_composes(tiny_cfg, name):
+    cfg = tiny_cfg(f"+sweep={name}")
+    assert cfg.hydra.mode.name == "MULTIRUN" and cfg.hydra.sweeper.params
+    assert OmegaConf.select(cfg, "hydra.sweep.dir") == f"multirun/{name}"
 
 
 def test_prepare_job_skips_finished_and_cleans_killed(tiny_cfg, tmp_path):
@@ -159,3 +170,19 @@ def test_single_run_still_refuses_to_overwrite(tmp_path):
     out = subprocess.run(cmd, cwd=REPO, env=ENV | {"HYDRA_FULL_ERROR": "0"}, capture_output=True,
                          text=True, timeout=120)  # fmt: skip
     assert out.returncode == 2 and "already exists" in out.stderr
+
+
+def test_optuna_search_composes_at_fixed_epsilon(tiny_cfg):
+    cfg = tiny_cfg("hparams_search=lr_clip_optuna", "privacy.epsilon=2")
+    assert "optuna" in cfg.hydra.sweeper._target_.lower()
+    assert set(cfg.hydra.sweeper.params) == {"optimizer.lr", "privacy.max_grad_norm"}
+    assert cfg.privacy.epsilon == 2 and cfg.hydra.sweeper.direction == "maximize"
+
+
+@pytest.mark.parametrize("launcher", ["joblib", "slurm_gpu", "ray_gpu"])
+def test_launcher_configs_compose_with_one_gpu_per_job(tiny_cfg, launcher):
+    cfg = tiny_cfg(f"hydra/launcher={launcher}", "trainer=ddp_spawn")
+    sweep.check_strategy(cfg)  # 2 devices, spawn: allowed inside a multirun
+    gpus = {"slurm_gpu": "gpus_per_node", "ray_gpu": "ray.remote.num_gpus"}.get(launcher)
+    if gpus:
+        assert OmegaConf.select(cfg.hydra.launcher, gpus) == 1
