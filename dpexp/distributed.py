@@ -25,6 +25,8 @@ from dpexp.privacy.callback import PrivacyCallback
 
 
 class _StateReturningLauncher(_MultiProcessingLauncher):
+    returns_callback_state = True  # PrivacyCallback refuses spawn launchers without this
+
     def get_extra_results(self, trainer: L.Trainer) -> dict[str, Any]:
         extra = super().get_extra_results(trainer)
         states = {}

@@ -20,6 +20,7 @@ from torch import nn
 from dpexp.accounting import Ledger
 from dpexp.clipping import make_engine
 from dpexp.data import PoissonBatchSampler
+from dpexp.errors import UserError
 from dpexp.privacy.step import GradientStep
 from dpexp.train import build
 from tests import reference
@@ -162,3 +163,13 @@ def test_lightning_ddp_spawn_trains_like_one_process(tiny_cfg, tmp_path):
     assert moved > 1e-3  # the comparison below is not between untrained models
     for n, w in single.items():  # float32 sums in another order: equal to rounding
         torch.testing.assert_close(ddp[n], w, rtol=1e-4, atol=1e-5)
+
+
+def test_a_spawn_strategy_that_would_lose_the_ledger_is_refused(tiny_cfg, tmp_path):
+    """Lightning's own spawn launcher returns no callback state: the main process would write
+    epsilon 0 for a trained model. The privacy callback refuses it by name."""
+    lightning_spawn = "trainer.strategy._target_=lightning.pytorch.strategies.DDPStrategy"
+    cfg = tiny_cfg("trainer=ddp_spawn_cpu", lightning_spawn)
+    _, module, privacy, _, trainer = build(cfg, tmp_path / "run")
+    with pytest.raises(UserError, match="DDPSpawnStrategy"):
+        privacy.setup(trainer, module, "fit")

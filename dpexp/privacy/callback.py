@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 
 from dpexp import accounting
 from dpexp.accounting import Ledger
@@ -88,6 +89,15 @@ class PrivacyCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        launcher = getattr(trainer.strategy, "launcher", None)
+        if isinstance(launcher, _MultiProcessingLauncher) and not getattr(
+            launcher, "returns_callback_state", False
+        ):  # the main process would report an empty ledger: epsilon 0 for a trained model
+            raise UserError(
+                "trainer.strategy: a spawn/fork DDP strategy must be "
+                "dpexp.distributed.DDPSpawnStrategy (trainer=ddp_spawn_cpu), which returns the "
+                "privacy ledger to the process that writes result.json"
+            )
         dm = trainer.datamodule
         for method in self.methods:
             method.setup_method(pl_module.model, dm)
