@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 import os
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 import lightning as L
 import torch
@@ -45,6 +47,28 @@ def _has_files(name: str, root: Path) -> bool:
     return folder.is_dir() and any(folder.iterdir())
 
 
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    """Can ``url``'s host be resolved and connected to within ``timeout`` seconds?
+
+    Runs in a daemon thread because name resolution ignores socket timeouts: without a
+    network, torchvision's download would otherwise hang for minutes before failing."""
+    host = urlparse(url).hostname
+    port = 443 if url.startswith("https") else 80
+    outcome: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(True)
+        except OSError:
+            outcome.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(outcome and outcome[0])
+
+
 def locate(name: str, root: str | Path, download: bool = True) -> Path:
     """Return the dataset root that holds ``name``'s files.
 
@@ -61,6 +85,13 @@ def locate(name: str, root: str | Path, download: bool = True) -> Path:
         import torchvision
 
         cls = getattr(torchvision.datasets, TORCHVISION[name][0])
+        url = cls.mirrors[0] if hasattr(cls, "mirrors") else cls.url
+        if not _reachable(url):
+            raise DatasetMissingError(
+                f"dataset {name!r} not found: no files in {root / TORCHVISION[name][1]} and "
+                f"no network to download it from {urlparse(url).hostname}; set "
+                f"DPEXP_DATA_ROOT or dataset.root to a folder holding {TORCHVISION[name][1]}/"
+            )
         previous = socket.getdefaulttimeout()
         socket.setdefaulttimeout(20)
         try:
