@@ -72,29 +72,42 @@ def released_updates(sigma: float, steps: int) -> tuple[list[dict[str, torch.Ten
     return updates, step.ledger.history()
 
 
+def plain_update() -> dict[str, torch.Tensor]:
+    """The non-private step (no clipping, no noise) on this process's share, SGD with lr 1."""
+    model, x, y = model_and_batch()
+    mine = torch.arange(len(y)) % dist.get_world_size() == dist.get_rank()
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    GradientStep(model)((x[mine], y[mine]), torch.optim.SGD(model.parameters(), lr=1.0))
+    return {n: start[n] - p.detach() for n, p in model.named_parameters()}
+
+
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        runs = {"clean": released_updates(0.0, steps=1), "noisy": released_updates(2.0, steps=3)}
+        runs = {
+            "clean": released_updates(0.0, steps=1),
+            "noisy": released_updates(2.0, steps=3),
+            "plain": plain_update(),
+        }
         torch.save(runs, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
-def two_process_runs(tmp_path_factory) -> tuple[list, list]:
-    """A noiseless step and 3 noisy steps in 2 processes (one spawn: it is the slow part)."""
+def two_process_runs(tmp_path_factory) -> list[dict]:
+    """Per rank: a noiseless DP step, 3 noisy ones and a non-private step (one spawn: it is
+    the slow part)."""
     out = tmp_path_factory.mktemp("ddp")
     mp.start_processes(
         _worker, args=(str(out / "pg"), str(out)), nprocs=WORLD, join=True, start_method="spawn"
     )
-    runs = [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
-    return [r["clean"] for r in runs], [r["noisy"] for r in runs]
+    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 
 def test_update_equals_single_process_brute_force_without_noise(two_process_runs):
-    clean, _ = two_process_runs
+    clean = [r["clean"] for r in two_process_runs]
     model, x, y = model_and_batch()
     expected, _ = reference.clipped_sum(model, x, y, C)  # one backward per sample, all 11
     for updates, _ in clean:  # every rank applies the same update
@@ -103,8 +116,8 @@ def test_update_equals_single_process_brute_force_without_noise(two_process_runs
 
 
 def test_noise_is_drawn_once_for_the_group(two_process_runs):
-    clean, noisy = two_process_runs
-    (rank0, _), (rank1, _) = noisy
+    clean = [r["clean"] for r in two_process_runs]
+    (rank0, _), (rank1, _) = [r["noisy"] for r in two_process_runs]
     signal = clean[0][0][0]
     residuals = []
     for step_update, other_rank in zip(rank0, rank1, strict=True):
@@ -120,9 +133,18 @@ def test_noise_is_drawn_once_for_the_group(two_process_runs):
 
 
 def test_accountant_counts_the_global_sample_rate_once_per_step(two_process_runs):
-    _, noisy = two_process_runs
-    for _, history in noisy:
+    for _, history in [r["noisy"] for r in two_process_runs]:
         assert history == [(2.0, Q, 3)]
+
+
+def test_non_private_step_is_the_global_mean_gradient(two_process_runs):
+    model, x, y = model_and_batch()
+    loss = torch.nn.functional.cross_entropy(model(x), y)  # mean over all 11 examples
+    names = [n for n, _ in model.named_parameters()]
+    expected = dict(zip(names, torch.autograd.grad(loss, list(model.parameters())), strict=True))
+    for run in two_process_runs:
+        for n, g in expected.items():
+            torch.testing.assert_close(run["plain"][n], g, rtol=1e-10, atol=1e-15)
 
 
 def test_ranks_split_one_global_poisson_batch():
