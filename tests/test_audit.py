@@ -213,6 +213,18 @@ def test_audit_with_noise_stays_below_the_claim(tiny_cfg, tmp_path, clipping):
     assert line["steps"] == 40
 
 
+def test_audit_catches_an_accountant_that_counts_more_noise_than_was_added(
+    tiny_cfg, tmp_path, monkeypatch
+):
+    """A planted bug: noise σ = 0.5 is added but the ledger records σ = 50. The claim is then
+    tiny and the audit's lower bound must exceed it."""
+    monkeypatch.setattr(GradientStep, "mechanisms", lambda self: [(50.0, self.sample_rate)])
+    sigma = ["privacy.noise_multiplier=0.5", "privacy.epsilon=null"]
+    line = audit(tiny_cfg(*AUDIT, *sigma, "audit.canaries=500"), tmp_path / "run")
+    assert line["epsilon_claimed"] < 0.2
+    assert line["epsilon_lower_bound"] > 5 * line["epsilon_claimed"]
+
+
 @pytest.mark.parametrize(
     ("override", "key"),
     [
