@@ -308,6 +308,12 @@ def audit(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         cfg.audit.canaries, cfg.audit.canary_norm, datamodule.sample_rate, cfg.audit.seed
     )
     trainer.callbacks.append(canaries)  # after the privacy callback: its step exists
+    if 2 * cfg.audit.canaries * privacy.delta > 0.1:
+        log.warning(
+            "2·m·δ = %.3g: the δ term of the bound is large and will hold the lower bound down; "
+            "use fewer canaries or a smaller privacy.delta",
+            2 * cfg.audit.canaries * privacy.delta,
+        )
     trainer.fit(module, datamodule=datamodule)
     claimed = privacy.spent_epsilon()
     best = guess_membership(
