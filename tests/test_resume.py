@@ -19,6 +19,7 @@ import torch
 
 from dpexp.errors import UserError
 from dpexp.methods.base import Method
+from dpexp.models import build_model
 from dpexp.train import run
 from tests.conftest import TINY, TINY_DATA
 
@@ -186,15 +187,17 @@ def test_budget_already_spent_at_resume_stops_at_once(tiny_cfg, tmp_path, caplog
 
 
 def test_fresh_run_refuses_a_dir_holding_an_unfinished_run(tiny_cfg, tmp_path):
-    cfg = tiny_cfg("trainer.max_steps=2", "trainer.max_epochs=-1")
-    run(cfg, tmp_path / "run")
-    (tmp_path / "run" / "result.json").unlink()  # as if killed before it finished
+    # an unfinished run: a checkpoint of the configured model, no result.json
+    model = build_model("cnn_tanh", (1, 16, 16), 10)
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, ckpt)
     before = ckpt.read_bytes()
     with pytest.raises(UserError, match=r"resume=false is invalid here: .*last\.ckpt exists"):
-        run(tiny_cfg("trainer.max_steps=2", "trainer.max_epochs=-1"), tmp_path / "run")
+        run(tiny_cfg(), tmp_path / "run")
     other = tmp_path / "other.ckpt"
     other.write_bytes(before)
-    with pytest.raises(UserError, match=r"ckpt_path=.* is invalid here"):
-        run(tiny_cfg("trainer.max_steps=2", f"ckpt_path={other}"), tmp_path / "run")
+    with pytest.raises(UserError, match=r"ckpt_path=.* is invalid here: .*resume=true"):
+        run(tiny_cfg(f"ckpt_path={other}"), tmp_path / "run")
     assert ckpt.read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == ["checkpoints", "last.ckpt"]
