@@ -221,6 +221,7 @@ def main() -> None:
     debug = os.environ.get("HYDRA_FULL_ERROR") == "1" or "--debug" in sys.argv
     if "--debug" in sys.argv:
         sys.argv.remove("--debug")
+    saved = {k: os.environ.get(k) for k in ("DPEXP_DEBUG", "HYDRA_FULL_ERROR")}
     os.environ["DPEXP_DEBUG"] = "1" if debug else "0"
     # Hydra prints its own errors over several lines and exits; let them reach us instead.
     os.environ["HYDRA_FULL_ERROR"] = "1"
@@ -232,6 +233,12 @@ def main() -> None:
         line = str(exc) if isinstance(exc, UserError) else hydra_error_line(exc)
         print(f"dpexp: error: {line}", file=sys.stderr)
         sys.exit(2)
+    finally:  # leave the environment as found (main() may be called in-process)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 if __name__ == "__main__":
