@@ -62,6 +62,10 @@ def _check(key: str, value: Any, ok: bool, allowed: str) -> None:
         raise ConfigError(f"screen.{key}={value!r} is invalid: {allowed}")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -85,19 +89,9 @@ class Screen(Method):
         seed: int = 0,
     ) -> None:
         _check("k", k, _is_number(k) and k >= 0, "a finite number >= 0")
-        _check(
-            "max_rejections",
-            max_rejections,
-            isinstance(max_rejections, int) and not isinstance(max_rejections, bool),
-            "an integer >= 0",
-        )
-        _check("max_rejections", max_rejections, max_rejections >= 0, "an integer >= 0")
-        _check(
-            "val_batch",
-            val_batch,
-            isinstance(val_batch, int) and not isinstance(val_batch, bool) and val_batch > 0,
-            "a positive integer",
-        )
+        rejections_ok = _is_int(max_rejections) and max_rejections >= 0
+        _check("max_rejections", max_rejections, rejections_ok, "an integer >= 0")
+        _check("val_batch", val_batch, _is_int(val_batch) and val_batch > 0, "a positive integer")
         if validation == "private":
             raise ConfigError(
                 "screen.validation='private' is refused: a test on private data without noise "
