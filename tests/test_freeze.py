@@ -272,3 +272,9 @@ def test_public_gradient_scores_sum_per_batch_magnitudes(taylor):
             g = torch.autograd.grad(torch.nn.functional.cross_entropy(model(x), y), params[n])[0]
             expected += (g * params[n] if taylor else g).abs()
         torch.testing.assert_close(scores[n], expected.detach(), rtol=1e-12, atol=0)
+
+
+def test_bad_pretrain_epochs_is_a_config_error():
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match=r"pruning\.pretrain_epochs=.* an integer >= 0"):
+            Freeze(pretrain_epochs=bad, public_size=10)

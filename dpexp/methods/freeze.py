@@ -74,20 +74,17 @@ class Freeze(Method):
         _choice("pruning.scope", scope, SCOPES)
         _choice("pruning.frozen_value", frozen_value, FROZEN_VALUES)
         _choice("pruning.public", public, PUBLIC_SOURCES)
-        if isinstance(pretrain_epochs, bool) or not isinstance(pretrain_epochs, int):
+        integer = isinstance(pretrain_epochs, int) and not isinstance(pretrain_epochs, bool)
+        if not integer or pretrain_epochs < 0:
             raise ConfigError(
-                f"pruning.pretrain_epochs={pretrain_epochs!r} is invalid: an int >= 0"
-            )
-        if pretrain_epochs < 0:
-            raise ConfigError(
-                f"pruning.pretrain_epochs={pretrain_epochs!r} is invalid: an int >= 0"
+                f"pruning.pretrain_epochs={pretrain_epochs!r} is invalid: an integer >= 0"
             )
         needs_public = scorer == "public_grad" or pretrain_epochs > 0
         if needs_public and not public_size:
             what = (
                 "pruning.scorer='public_grad'"
                 if scorer == "public_grad"
-                else (f"pruning.pretrain_epochs={pretrain_epochs}")
+                else f"pruning.pretrain_epochs={pretrain_epochs}"
             )
             raise ConfigError(
                 f"{what} needs public data but dataset.public_size=0: set dataset.public_size > 0 "
