@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from hydra.core.global_hydra import GlobalHydra
 from scipy.stats import binom
 from torch import nn
 
-import dpexp.audit
 from dpexp import accounting
 from dpexp.accounting import Ledger
 from dpexp.audit import (
@@ -242,17 +241,18 @@ def test_bad_audit_options_fail_with_one_line(tiny_cfg, tmp_path, override, key)
         audit(tiny_cfg(*AUDIT, override), tmp_path / "run")
 
 
-def test_cli_prints_one_json_line(tmp_path, monkeypatch, capsys):
+def test_cli_prints_one_json_line(tmp_path):
+    """Through the real command line, in its own process (Hydra configures logging globally)."""
     args = [
         "dataset=synthetic", "dataset.image_shape=[1,16,16]", "dataset.size=128",
         "dataset.batch_size=32", "trainer.max_epochs=2", "trainer.enable_progress_bar=false",
         "logger=none", "callbacks=none", "privacy.delta=1e-5", "privacy.accountant=rdp",
         "audit.canaries=50", f"hydra.run.dir={tmp_path / 'cli'}",
     ]  # fmt: skip
-    GlobalHydra.instance().clear()
-    monkeypatch.setattr(sys, "argv", ["dpexp.audit", *args])
-    dpexp.audit.main()  # what `python -m dpexp.audit` runs: adds +audit=default
-    lines = [json.loads(s) for s in capsys.readouterr().out.splitlines() if s.startswith("{")]
+    out = subprocess.run(
+        [sys.executable, "-m", "dpexp.audit", *args], capture_output=True, text=True, check=True
+    ).stdout
+    lines = [json.loads(s) for s in out.splitlines() if s.startswith("{")]
     assert len(lines) == 1
     keys = {"method", "clipping", "epsilon_claimed", "epsilon_lower_bound", "confidence", "trials"}
     assert keys <= set(lines[0]) and lines[0]["trials"] == 50
