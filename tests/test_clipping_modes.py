@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from dpexp.clipping import ENGINES, MODES, clip_and_sum, make_engine
+from dpexp.clipping import ENGINES, MODES, clip_and_sum, fast, make_engine
 from dpexp.clipping.fast import BookKeepingEngine
-from dpexp.clipping.layers import Dims, instantiation_fits, mixed_rule
+from dpexp.clipping.layers import ConvMath, Dims, instantiation_fits, mixed_rule
 from dpexp.clipping.tape import UnsupportedModelError
 from dpexp.models import build_model
 from tests import reference
@@ -224,7 +224,9 @@ def test_unsupported_embedding_options_are_refused():
         make_engine("auto", model).attach()
 
 
-@pytest.mark.parametrize("path", ["ghost", "unfold", "conv", "loop"])
+@pytest.mark.parametrize(
+    "path", ["ghost", "unfold", "conv", "loop", "norm:unfold", "norm:conv", "norm:loop"]
+)
 def test_every_conv_path_is_exact(path, monkeypatch):
     class Forced(BookKeepingEngine):
         mode = "forced"
@@ -248,6 +250,32 @@ def test_every_conv_path_is_exact(path, monkeypatch):
     )  # fmt: skip
     assert_exact(grouped, *batch((3, 9, 9), classes=5), modes=("forced",))
     assert_exact(one_d, *batch((2, 20), classes=3), modes=("forced",))
+
+
+def test_auto_keeps_per_sample_gradients_only_where_smaller_than_input_and_output_gradient(
+    monkeypatch,
+):
+    """Memory: a kept per-sample weight gradient must not outweigh the layer's x and g,
+    which the ghost and norm-only paths keep instead until the clipped sum; even when
+    keeping would be the fastest."""
+
+    def keep_is_fastest(layer, local, x, g, path):
+        return 1.0 if path == "ghost" or path.startswith(fast.NORM_ONLY) else 0.0
+
+    monkeypatch.setattr(fast, "_time_path", keep_is_fastest)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(),  # per-sample 36 ≤ x 36 + g 144: may keep
+        nn.Conv2d(4, 32, 3), nn.Tanh(),  # per-sample 1152 > x 144 + g 512: must not keep
+        nn.Flatten(), nn.Linear(32 * 16, 3),
+    )  # fmt: skip
+    x, y = batch((1, 6, 6), classes=3)
+    engine = make_engine("auto", model.double())
+    with engine.attached_to_model():
+        engine.clipped_sum(x.double(), y, max_grad_norm=1.0)
+    choice = {name: c for (name, local, _), c in engine._decisions.items() if local == "weight"}
+    assert choice["0"] in ConvMath.methods  # kept: the fastest and no larger than x and g
+    assert choice["2"] == "ghost" or choice["2"].startswith(fast.NORM_ONLY), choice
+    assert_exact(model, *batch((1, 6, 6), classes=3), modes=("auto",))
 
 
 # -- layer rule ---------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from dpexp.clipping.base import (
     trainable_parameters,
 )
 from dpexp.clipping.layers import Dims, instantiation_fits, mixed_rule
-from dpexp.clipping.tape import Layer, Tape, generic_per_sample
+from dpexp.clipping.tape import Call, Layer, Tape, UnsupportedModelError, generic_per_sample
 
 log = logging.getLogger(__name__)
 
@@ -136,93 +136,63 @@ class FastEngine(ClippingEngine):
             self.detach()  # a parameter was frozen or unfrozen since attach: plan again
             self.attach()
         self._probe_broadcasts(inputs, targets)
-        tape, weights = self.tape, weights or {}
+        tape = self.tape
         tape.start(len(inputs))
         try:
-            out = self.model(inputs)
+            # detached: every layer input with a history then leads down to a recorded layer
+            out = self.model(inputs.detach())
         finally:
             tape.stop()
         loss = self.loss_fn(out, targets)
-        edges = [call.edge for layer in tape.layers for call in layer.calls]
-        edges += [e for b in tape.broadcasts for es in b.edges.values() for e in es]
+        step = _Step(self, weights or {}, len(inputs), out.dtype, out.device)
+        # Layers are processed as the backward reaches them (a pre-hook on each output's
+        # node), so an output gradient is kept only while its layer's clipped sum needs it.
+        # Only the lowest layers (no history below them) and broadcast views are requested
+        # from autograd: the nodes above run because they lie on the way to those.
+        requested = []
+        for layer in tape.layers:
+            for call in layer.calls:
+                call.edge.node.register_prehook(step.prehook(layer, call))
+                if call.lowest:
+                    requested.append((layer, call))
+        broadcast_edges = [e for b in tape.broadcasts for es in b.edges.values() for e in es]
+        edges = [call.edge for _, call in requested] + broadcast_edges
         if self.two_pass:
             edges.append(get_gradient_edge(out))
         grads = list(
             torch.autograd.grad(loss, edges, allow_unused=True, retain_graph=self.two_pass)
         )
         out_grad = grads.pop() if self.two_pass else None
-
-        sq = torch.zeros(len(inputs), dtype=out.dtype, device=out.device)
-        pending: list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = []
+        for (layer, call), g in zip(requested, grads, strict=False):
+            step.process(layer, call, g)  # capture-only nodes run no pre-hook
+        del grads[: len(requested)]
+        unreached = [layer.where for layer in tape.layers for call in layer.calls if not call.done]
+        if unreached:
+            raise UnsupportedModelError(
+                f"{unreached[0]}: its output's gradient was not reached by the backward pass"
+            )
         position = 0
-        for layer in tape.layers:
-            calls = [
-                (call, g)
-                for call, g in zip(layer.calls, grads[position:], strict=False)
-                if g is not None
-            ]
-            position += len(layer.calls)
-            for call, _ in calls:
-                call.check_unchanged(layer.where)
-            sq += self._layer(layer, calls, weights, pending)
         for b in tape.broadcasts:
             for local, full in b.params.items():
                 count = len(b.edges[local])
                 rows = [g for g in grads[position : position + count] if g is not None]
                 position += count
                 if rows:
-                    per = torch.stack(rows).sum(0).unsqueeze(1)
-                    sq += self._instantiated(per, weights.get(full), full, pending)
-
-        norms = sq.sqrt()
-        factors = clip_factors(norms, max_grad_norm)
-        grads.clear()  # output gradients are no longer needed: free them before the sums
+                    step.instantiated(full, torch.stack(rows).sum(0).unsqueeze(1))
+        grads.clear()
         for layer in tape.layers:
             layer.calls = []
+        norms = step.finish().sqrt()
+        factors = clip_factors(norms, max_grad_norm)
         if self.two_pass:
-            sums = self._second_pass(out, out_grad, factors, params, weights)
+            sums = self._second_pass(out, out_grad, factors, params, step.weights)
         else:
             sums = {}
-            while pending:  # each layer's recorded tensors are released once summed
-                name, clipped = pending.pop()
+            while step.pending:  # each layer's recorded tensors are released once summed
+                name, clipped = step.pending.pop()
                 sums[name] = clipped(factors)
         sums = {n: sums[n] if n in sums else torch.zeros_like(p) for n, p in params.items()}
         return sums, norms.detach(), loss.detach()
-
-    def _layer(self, layer: Layer, calls, weights, pending) -> torch.Tensor:
-        """Per-sample squared norms of ``layer``'s parameters; queues their clipped sums."""
-        sq = 0
-        if not calls:
-            return sq
-        if layer.math is None:
-            per_call = [generic_per_sample(layer, call, g, self.tape) for call, g in calls]
-            for local, full in layer.params.items():
-                per = sum(grads[local] for grads in per_call)
-                sq = sq + self._instantiated(per, weights.get(full), full, pending)
-            return sq
-        layer_math, module = layer.math, layer.module
-        for local, full in layer.params.items():
-            weight = weights.get(full)
-            (call, g), single = calls[0], len(calls) == 1
-            # a weighted or repeatedly called parameter needs its per-sample gradient
-            method = default_method(layer, g.shape[2:])
-            if single and weight is None:
-                method = self._strategy(layer, local, call.x, g)
-            if method == "ghost":
-                sq = sq + layer_math.ghost_sq_norm(module, call.x, g)
-                if not self.two_pass:
-                    pending.append((full, _ghost_sum(layer, local, call.x, g)))
-                continue
-            per = sum(layer_math.per_sample(module, c.x, g_c, local, method) for c, g_c in calls)
-            sq = sq + self._instantiated(per, weight, full, pending)
-        return sq
-
-    def _instantiated(self, per, weight, full, pending) -> torch.Tensor:
-        if weight is not None:
-            per = per * weight
-        if not self.two_pass:
-            pending.append((full, lambda c, per=per: torch.tensordot(c, per, dims=1)))
-        return per.flatten(1).pow(2).sum(1)
 
     def _second_pass(self, out, out_grad, factors, params, weights):
         """Backward of Σ_i c_i·loss_i: the loss of sample i depends on output row i only."""
@@ -240,6 +210,11 @@ class FastEngine(ClippingEngine):
             if g is not None:
                 sums[n] = g * weights[n] if n in weights else g
         return sums
+
+
+# Instantiated for the norm only; the clipped sum then comes from the layer's input and
+# c-scaled output gradient, as on the ghost path.
+NORM_ONLY = "norm:"
 
 
 def default_method(layer: Layer, positions: tuple[int, ...] = ()) -> str:
@@ -261,6 +236,72 @@ def _ghost_sum(layer: Layer, local: str, x: torch.Tensor, g: torch.Tensor):
     return clipped
 
 
+class _Step:
+    """One batch's per-sample squared norms and queued clipped sums, filled layer by layer
+    as the backward pass reaches each recorded output."""
+
+    def __init__(self, engine: FastEngine, weights, batch: int, dtype, device) -> None:
+        self.engine, self.weights = engine, weights
+        self.sq = torch.zeros(batch, dtype=dtype, device=device)
+        self.per_sample: dict[str, torch.Tensor] = {}  # instantiated, summed over calls
+        self.pending: list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = []
+
+    def prehook(self, layer: Layer, call: Call):
+        def hook(grad_outputs):
+            self.process(layer, call, grad_outputs[call.edge.output_nr])
+
+        return hook
+
+    def process(self, layer: Layer, call: Call, g: torch.Tensor | None) -> None:
+        """Norm contributions of one call; queues what the clipped sum needs, drops the rest."""
+        if call.done:
+            return
+        if g is not None:
+            call.check_unchanged(layer.where)
+            if layer.math is None:
+                grads = generic_per_sample(layer, call, g, self.engine.tape)
+                for local, full in layer.params.items():
+                    self.instantiated(full, grads[local])
+            else:
+                self._fast(layer, call, g)
+        call.release()  # the input lives on only in queued ghost sums
+
+    def _fast(self, layer: Layer, call: Call, g: torch.Tensor) -> None:
+        layer_math, module, engine = layer.math, layer.module, self.engine
+        for local, full in layer.params.items():
+            # a weighted or repeatedly called parameter needs its per-sample gradient
+            method = default_method(layer, g.shape[2:])
+            if len(layer.calls) == 1 and full not in self.weights:
+                method = engine._strategy(layer, local, call.x, g)
+            if method == "ghost" or method.startswith(NORM_ONLY):
+                if method == "ghost":
+                    self.sq += layer_math.ghost_sq_norm(module, call.x, g)
+                else:
+                    per = layer_math.per_sample(
+                        module, call.x, g, local, method.removeprefix(NORM_ONLY)
+                    )
+                    self.sq += per.flatten(1).pow(2).sum(1)
+                if not engine.two_pass:
+                    self.pending.append((full, _ghost_sum(layer, local, call.x, g)))
+            else:
+                self.instantiated(full, layer_math.per_sample(module, call.x, g, local, method))
+
+    def instantiated(self, full: str, per: torch.Tensor) -> None:
+        so_far = self.per_sample.get(full)
+        self.per_sample[full] = per if so_far is None else so_far + per
+
+    def finish(self) -> torch.Tensor:
+        """Adds the instantiated parameters' squared norms; returns all squared norms."""
+        for full, per in self.per_sample.items():
+            if full in self.weights:
+                per = per * self.weights[full]
+            self.sq += per.flatten(1).pow(2).sum(1)
+            if not self.engine.two_pass:
+                self.pending.append((full, lambda c, per=per: torch.tensordot(c, per, dims=1)))
+        self.per_sample = {}
+        return self.sq
+
+
 class BookKeepingEngine(FastEngine):
     """One backward; mixed rule per layer; clipped sum from recorded tensors."""
 
@@ -268,7 +309,10 @@ class BookKeepingEngine(FastEngine):
 
 
 class AutoEngine(FastEngine):
-    """One backward; per layer and input shape the fastest exact path, timed once."""
+    """One backward; per layer and input shape the fastest exact path, timed once, among
+    those that keep no more memory until the clipped sum than the ghost path (the layer's
+    input and output gradient): per-sample gradients are kept only where they are smaller,
+    elsewhere they give the norm and are dropped (``norm:<method>``)."""
 
     mode = "auto"
 
@@ -276,13 +320,13 @@ class AutoEngine(FastEngine):
         layer_math = layer.math
         dims = layer_math.dims(layer.module, x, g)
         if local not in layer_math.ghost_params or dims is None:
-            return default_method(
-                layer, g.shape[2:]
-            )  # one way to instantiate (biases, norm layers)
+            return default_method(layer, g.shape[2:])  # biases, norm layers: one way
         # the ghost norm is not even timed where its Gram matrices are 4× past the mixed rule
         candidates = ["ghost"] if mixed_rule(Dims(dims.T, 4 * dims.p, dims.D)) else []
         if not candidates or instantiation_fits(dims):
-            candidates += list(layer_math.methods)
+            small = getattr(layer.module, local).numel() <= x[0].numel() + g[0].numel()
+            for method in layer_math.methods:
+                candidates += [method, NORM_ONLY + method] if small else [NORM_ONLY + method]
         if len(candidates) == 1:
             return candidates[0]
         seconds = dict.fromkeys(candidates, float("inf"))
@@ -303,9 +347,12 @@ def _time_path(layer: Layer, local: str, x: torch.Tensor, g: torch.Tensor, path:
         layer_math.ghost_sq_norm(module, x, g)
         _ghost_sum(layer, local, x, g)(factors)
     else:
-        per = layer_math.per_sample(module, x, g, local, path)
+        per = layer_math.per_sample(module, x, g, local, path.removeprefix(NORM_ONLY))
         per.flatten(1).pow(2).sum(1)
-        torch.tensordot(factors, per, dims=1)
+        if path.startswith(NORM_ONLY):
+            _ghost_sum(layer, local, x, g)(factors)
+        else:
+            torch.tensordot(factors, per, dims=1)
     return time.perf_counter() - start
 
 

@@ -48,10 +48,17 @@ class Call:
     kwargs: dict
     edge: GradientEdge
     versions: tuple[int, ...]
+    # no tensor argument has autograd history: nothing recorded lies below this call
+    lowest: bool = False
+    done: bool = False
 
     @property
     def x(self) -> torch.Tensor:
         return self.args[0]
+
+    def release(self) -> None:
+        """Drop the recorded inputs (their memory is autograd's again); mark processed."""
+        self.args, self.kwargs, self.done = (), {}, True
 
     def check_unchanged(self, where: str) -> None:
         now = tuple(a._version for a in self.args if isinstance(a, torch.Tensor))
@@ -190,11 +197,16 @@ class Tape:
                     f"{layer.where}: output must be one tensor that requires grad, "
                     f"got {type(output).__name__}"
                 )
+            lowest = not any(
+                isinstance(a, torch.Tensor) and a.grad_fn is not None
+                for a in (*args, *kwargs.values())
+            )
             args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
             if layer.math is not None:
                 self._check_semantics(layer, args[0], output)
             versions = tuple(a._version for a in args if isinstance(a, torch.Tensor))
-            layer.calls.append(Call(args, kwargs, get_gradient_edge(output), versions))
+            edge = get_gradient_edge(output)
+            layer.calls.append(Call(args, kwargs, edge, versions, lowest))
 
         return hook
 
