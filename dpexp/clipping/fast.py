@@ -1,10 +1,16 @@
 """Fast clipping engines built on the tape (recorded inputs and output gradients).
 
+Every engine handles a layer when the backward pass reaches its output (a pre-hook on that
+output's autograd node): the layer's per-sample squared norms are added up at once, and only
+what its clipped sum still needs (its input and output gradient, or its per-sample gradients)
+is kept, so memory stays close to non-private training's.
+
 - ``bk``: one backward (book-keeping). Norms by the seed's mixed rule, then the clipped sum
-  Σ_i c_i g_i from the recorded inputs and the c-scaled output gradients: no second backward.
+  Σ_i c_i g_i from the kept tensors and the c-scaled output gradients: no second backward.
 - ``auto``: ``bk`` with, per layer and input shape, the fastest exact choice, timed once on
-  the first batch of that shape: ghost norm or an instantiation method (instantiation only
-  where :func:`~dpexp.clipping.layers.instantiation_fits` its memory).
+  the first batch of that shape: the ghost norm, or per-sample gradients that are either
+  kept (only where they are no larger than the layer's input and output gradient) or used
+  for the norm alone (``norm:<method>``; the sum then comes from input and output gradient).
 - ``mixed_ghost``: the seed's two passes (Bu, Mao, Xu 2022): norms by the mixed rule in a first
   backward, then a second backward of the reweighted loss Σ_i c_i·loss_i.
 - ``ghost``: two passes with the ghost norm wherever one exists (Linear, Conv, Embedding
