@@ -23,6 +23,11 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+def squared_norms(per_sample: torch.Tensor) -> torch.Tensor:
+    """‖row_i‖² of a B × ... tensor (a reduction kernel: no squared copy is made)."""
+    return torch.linalg.vector_norm(per_sample.flatten(1), dim=1).square()
+
+
 def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
     """min(1, C/‖g_i‖), with 1 for a zero gradient."""
     return (max_grad_norm / norms.clamp_min(torch.finfo(norms.dtype).tiny)).clamp(max=1.0)
@@ -37,7 +42,7 @@ def clip_materialized(
     """
     if weights:
         per_sample = {n: g * weights[n] if n in weights else g for n, g in per_sample.items()}
-    squares = [g.flatten(1).pow(2).sum(1) for g in per_sample.values()]
+    squares = [squared_norms(g) for g in per_sample.values()]
     norms = torch.stack(squares).sum(0).sqrt()
     factors = clip_factors(norms, max_grad_norm)
     sums = {n: torch.tensordot(factors, g, dims=1) for n, g in per_sample.items()}

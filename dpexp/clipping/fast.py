@@ -34,6 +34,7 @@ from torch.autograd.graph import get_gradient_edge
 from dpexp.clipping.base import (
     ClippingEngine,
     clip_factors,
+    squared_norms,
     summed_cross_entropy,
     trainable_parameters,
 )
@@ -283,10 +284,8 @@ class _Step:
                 if method == "ghost":
                     self.sq += layer_math.ghost_sq_norm(module, call.x, g)
                 else:
-                    per = layer_math.per_sample(
-                        module, call.x, g, local, method.removeprefix(NORM_ONLY)
-                    )
-                    self.sq += per.flatten(1).pow(2).sum(1)
+                    how = method.removeprefix(NORM_ONLY)
+                    self.sq += layer_math.per_sample_sq_norm(module, call.x, g, local, how)
                 if not engine.two_pass:
                     self.pending.append((full, _ghost_sum(layer, local, call.x, g)))
             else:
@@ -301,7 +300,7 @@ class _Step:
         for full, per in self.per_sample.items():
             if full in self.weights:
                 per = per * self.weights[full]
-            self.sq += per.flatten(1).pow(2).sum(1)
+            self.sq += squared_norms(per)
             if not self.engine.two_pass:
                 self.pending.append((full, lambda c, per=per: torch.tensordot(c, per, dims=1)))
         self.per_sample = {}
@@ -352,13 +351,13 @@ def _time_path(layer: Layer, local: str, x: torch.Tensor, g: torch.Tensor, path:
     if path == "ghost":
         layer_math.ghost_sq_norm(module, x, g)
         _ghost_sum(layer, local, x, g)(factors)
+    elif path.startswith(NORM_ONLY):
+        layer_math.per_sample_sq_norm(module, x, g, local, path.removeprefix(NORM_ONLY))
+        _ghost_sum(layer, local, x, g)(factors)
     else:
-        per = layer_math.per_sample(module, x, g, local, path.removeprefix(NORM_ONLY))
-        per.flatten(1).pow(2).sum(1)
-        if path.startswith(NORM_ONLY):
-            _ghost_sum(layer, local, x, g)(factors)
-        else:
-            torch.tensordot(factors, per, dims=1)
+        per = layer_math.per_sample(module, x, g, local, path)
+        squared_norms(per)
+        torch.tensordot(factors, per, dims=1)
     return time.perf_counter() - start
 
 

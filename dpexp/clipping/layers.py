@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dpexp.clipping.base import squared_norms
+
 
 @dataclass(frozen=True)
 class Dims:
@@ -48,7 +50,7 @@ def instantiation_fits(dims: Dims) -> bool:
 def _gram_product(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Σ_{t,s} (a aᵀ)_{ts} (g gᵀ)_{ts} over the last two dims, summed over all but the first."""
     if a.shape[-2] == 1:  # rank one: ‖g‖²‖a‖²
-        sq = a.pow(2).sum(-1) * g.pow(2).sum(-1)
+        sq = (torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(g, dim=-1)).square()
     else:
         sq = (a @ a.transpose(-1, -2) * (g @ g.transpose(-1, -2))).sum((-1, -2))
     return sq.reshape(len(sq), -1).sum(1)
@@ -74,6 +76,11 @@ class LayerMath:
 
     def ghost_sq_norm(self, module, x, g) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no ghost norm")
+
+    def per_sample_sq_norm(self, module, x, g, name: str, method: str = "default"):
+        """Per-sample squared gradient norms of ``name`` by an instantiation ``method``,
+        for when the gradients themselves are not kept."""
+        return squared_norms(self.per_sample(module, x, g, name, method))
 
     def summed(self, module, x, g, name: str) -> torch.Tensor:
         return self.per_sample(module, x, g, name).sum(0)
@@ -143,8 +150,14 @@ class ConvMath(LayerMath):
             x = x.unsqueeze(2)
             kernel, dilation, stride = (1, *kernel), (1, *dilation), (1, *stride)
             padding = (0, *padding)
-        cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
-        return cols.view(len(x), module.groups, -1, cols.shape[-1])
+        if any(padding):
+            x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+        # strided views and one copy: faster than F.unfold's im2col on CPU
+        patches = x
+        for dim, (k, d, s) in enumerate(zip(kernel, dilation, stride, strict=True), start=2):
+            patches = patches.unfold(dim, (k - 1) * d + 1, s)  # B C H' W' (kh) (kw)
+        patches = patches[..., :: dilation[0], :: dilation[1]].permute(0, 1, 4, 5, 2, 3)
+        return patches.reshape(len(x), module.groups, -1, patches[0, 0, 0, 0].numel())
 
     @staticmethod
     def _grouped(module, g) -> torch.Tensor:
@@ -169,6 +182,16 @@ class ConvMath(LayerMath):
             )
         cols, gg = self._unfold(module, x), self._grouped(module, g)
         return (gg @ cols.transpose(-1, -2)).reshape(len(g), *module.weight.shape)
+
+    def per_sample_sq_norm(self, module, x, g, name, method="unfold"):
+        if name == "weight" and method == "loop":  # one sample's gradient at a time
+            return torch.stack(
+                [
+                    torch.linalg.vector_norm(self.summed(module, x[i : i + 1], g[i : i + 1], name))
+                    for i in range(len(x))
+                ]
+            ).square()
+        return super().per_sample_sq_norm(module, x, g, name, method)
 
     def _per_sample_by_conv(self, module, x, g):
         x, padding = self._padded(module, x)

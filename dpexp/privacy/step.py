@@ -102,16 +102,20 @@ class GradientStep:
         self, x: torch.Tensor, y: torch.Tensor, weights
     ) -> tuple[dict[str, torch.Tensor], dict]:
         params = trainable_parameters(self.model)
-        sums = {n: torch.zeros_like(p) for n, p in params}
+        sums: dict[str, torch.Tensor] | None = None
         loss, norms = torch.zeros(()), []
         for xc, yc in self._chunks(x, y):
             chunk_sums, chunk_norms, chunk_loss = self.engine.clipped_sum(
                 xc, yc, self.max_grad_norm, weights
             )
-            for n, g in chunk_sums.items():
-                sums[n] += g
+            if sums is None:  # the engine's fresh tensors are ours: summed into in place
+                sums = chunk_sums
+            else:
+                for n, g in chunk_sums.items():
+                    sums[n] += g
             norms.append(chunk_norms.detach())
             loss = loss + chunk_loss.detach().cpu()
+        sums = {n: sums[n] if sums and n in sums else torch.zeros_like(p) for n, p in params}
         injected = self.injected_gradients(self.steps, weights) if self.injected_gradients else ()
         for per_sample in injected:
             for n, g in clip_materialized(per_sample, self.max_grad_norm, weights)[0].items():
@@ -126,10 +130,10 @@ class GradientStep:
             )
             if weights is not None and n in weights:
                 noise = noise * (weights[n] != 0)  # a dropped coordinate gets no noise
-            sums[n] = sums[n] + noise
+            sums[n].add_(noise)
         if world_size() > 1:
             sums = all_reduce_sum(sums)
-        sums = {n: s / self.expected_batch_size for n, s in sums.items()}
+        sums = {n: s.div_(self.expected_batch_size) for n, s in sums.items()}
         norms = torch.cat(norms) if norms else torch.zeros(0)
         stats = {"loss": loss / max(len(y), 1), "batch_size": len(y)}
         if len(norms):
