@@ -2,7 +2,8 @@
 
 With a spawn launcher the callbacks run in the worker processes; Lightning sends back only
 the weights and the logged metrics. :class:`DDPSpawnStrategy` also sends back rank 0's privacy
-state (ledger, steps, σ, q) and every method's ``state_dict``, so that ``result.json``, written
+state (ledger, steps, σ, q), every method's ``state_dict`` and the parameter average's
+(the raw last iterate, for ``test_acc_last``), so that ``result.json``, written
 by the main process, reports the ε the workers actually spent.
 
 The DP arithmetic itself lives in :mod:`dpexp.privacy.step` (clipped sums all-reduced, noise
@@ -11,7 +12,9 @@ drawn once by rank 0) and :mod:`dpexp.data` (ranks split one global Poisson batc
 
 from __future__ import annotations
 
-import io
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -20,6 +23,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.trainer.states import TrainerFn
 
+from dpexp.averaging import ParameterEMA
 from dpexp.methods.base import Method
 from dpexp.privacy.callback import PrivacyCallback
 
@@ -29,22 +33,29 @@ class _StateReturningLauncher(_MultiProcessingLauncher):
 
     def get_extra_results(self, trainer: L.Trainer) -> dict[str, Any]:
         extra = super().get_extra_results(trainer)
+        if trainer.state.fn != TrainerFn.FITTING:
+            return extra
         states = {}
         for index, callback in enumerate(trainer.callbacks):
             if isinstance(callback, PrivacyCallback):
                 states[index] = callback.worker_state()
-            elif isinstance(callback, Method):
+            elif isinstance(callback, Method | ParameterEMA):  # ParameterEMA: test_acc_last
                 states[index] = callback.state_dict()
-        buffer = io.BytesIO()
-        torch.save(states, buffer)  # bytes: tensors must not travel by shared memory
-        extra["dpexp_callback_states"] = buffer.getvalue()
+        # Through a file, as Lightning sends the weights: the main process reads the result
+        # queue only after the workers have exited, so a payload larger than the pipe buffer
+        # (~64 KB, e.g. a parameter average) would block the worker forever.
+        path = Path(tempfile.mkdtemp()) / "callback_states.pt"
+        torch.save(states, path)
+        extra["dpexp_callback_states"] = str(path)
         return extra
 
     def update_main_process_results(self, trainer: L.Trainer, extra: dict[str, Any]) -> None:
         super().update_main_process_results(trainer, extra)
         if trainer.state.fn != TrainerFn.FITTING:
             return
-        states = torch.load(io.BytesIO(extra["dpexp_callback_states"]), weights_only=False)
+        path = Path(extra["dpexp_callback_states"])
+        states = torch.load(path, weights_only=False)
+        shutil.rmtree(path.parent, ignore_errors=True)
         for index, state in states.items():
             callback = trainer.callbacks[index]
             if isinstance(callback, PrivacyCallback):

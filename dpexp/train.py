@@ -28,6 +28,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from dpexp import sweep, tracking
+from dpexp.averaging import ParameterEMA
 from dpexp.errors import UserError
 from dpexp.methods import build_methods
 from dpexp.module import Classifier
@@ -69,7 +70,8 @@ def build(cfg: DictConfig, output_dir: Path):
         seed=cfg.seed,
     )
     module = Classifier(model, instantiate(cfg.optimizer), methods)
-    callbacks = [*methods, privacy, *[instantiate(c) for c in (cfg.callbacks or {}).values()]]
+    extra = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
+    callbacks = [*methods, privacy, *extra]  # callbacks.<name>=null turns one off
     loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return datamodule, module, privacy, methods, trainer
@@ -137,6 +139,11 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     tracking.log_config(trainer.loggers, cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     test = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    averaging = next((c for c in trainer.callbacks if isinstance(c, ParameterEMA)), None)
+    test_last = test
+    if averaging is not None and averaging.raw is not None:  # the model holds the average
+        with averaging.last_iterate(module):
+            test_last = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     model = module.model
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -144,6 +151,9 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     result: dict[str, Any] = {
         "test_acc": float(test["test/acc"]),
         "test_loss": float(test["test/loss"]),
+        "test_acc_last": float(test_last["test/acc"]),  # the last iterate, never averaged
+        "test_loss_last": float(test_last["test/loss"]),
+        "averaging": averaging.label if averaging is not None else "none",
         **privacy.summary(),
         "epochs": trainer.current_epoch,
         "method": cfg.method.name,
@@ -167,8 +177,11 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
 def summary_line(result: dict[str, Any]) -> str:
     eps = result["epsilon"]
     privacy = f"epsilon={eps:.3f} delta={result['delta']:g}" if eps is not None else "non-private"
+    averaging = result.get("averaging", "none")
+    last = f" test_acc_last={result['test_acc_last']:.4f}" if averaging != "none" else ""
     return (
-        f"test_acc={result['test_acc']:.4f} {privacy} steps={result['steps']} "
+        f"test_acc={result['test_acc']:.4f}{last} averaging={averaging} {privacy} "
+        f"steps={result['steps']} "
         f"method={result['method']} clipping={result['clipping']} wall={result['wall_s']:.0f}s"
     )
 

@@ -142,6 +142,18 @@ def validate_trainer(cfg: DictConfig) -> None:
         _fail("trainer.max_epochs", epochs, "a positive integer (or set trainer.max_steps > 0)")
 
 
+def validate_averaging(cfg: DictConfig) -> None:
+    """``callbacks.ema`` (parameter averaging): decay in (0, 1), warmup a boolean."""
+    if _get(cfg, "callbacks.ema") is None:
+        return
+    decay = _get(cfg, "callbacks.ema.decay")
+    if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0 < decay < 1:
+        _fail("callbacks.ema.decay", decay, "a number in (0, 1), e.g. 0.999")
+    warmup = _get(cfg, "callbacks.ema.warmup")
+    if warmup is not None and not isinstance(warmup, bool):
+        _fail("callbacks.ema.warmup", warmup, "true or false")
+
+
 def validate_checkpoint(cfg: DictConfig) -> None:
     path = _get(cfg, "ckpt_path")
     if path is not None:
@@ -195,6 +207,7 @@ def validate(cfg: DictConfig) -> DataModule:
     validate_privacy(cfg, dm.num_private)
     validate_clipping(cfg)
     validate_trainer(cfg)
+    validate_averaging(cfg)
     validate_checkpoint(cfg)
     build_methods(cfg)  # method constructors raise ConfigError on bad options
     dm.locate()  # a missing dataset fails here, with one line saying what to do
