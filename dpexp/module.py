@@ -9,6 +9,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from dpexp.methods.base import Method
 from dpexp.privacy.step import GradientStep
@@ -20,10 +21,12 @@ class Classifier(L.LightningModule):
         model: nn.Module,
         optimizer: Callable[..., torch.optim.Optimizer],
         methods: Sequence[Method] = (),
+        scheduler: Callable[..., LRScheduler] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
         self.methods = list(methods)
         self.automatic_optimization = False  # the gradient step drives the optimizer
         self.gradient_step: GradientStep = GradientStep(model)
@@ -36,6 +39,8 @@ class Classifier(L.LightningModule):
         stats = self.gradient_step(batch, optimizer.optimizer, optimizer.step)
         if stats is None:  # the privacy budget stopped training
             return
+        if (scheduler := self.lr_schedulers()) is not None:
+            scheduler.step()  # manual optimisation: once per optimizer step
         if "loss" in stats:
             self.log("train/loss", stats["loss"], prog_bar=True, on_step=True, on_epoch=True)
         for key in ("clip_fraction", "grad_norm"):
@@ -56,10 +61,24 @@ class Classifier(L.LightningModule):
     def test_step(self, batch, batch_idx: int) -> None:
         self._evaluate(batch, "test")
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self):
+        optimizer = self._optimizer()
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self._scheduler(optimizer)}
+
+    def _optimizer(self) -> torch.optim.Optimizer:
         for method in self.methods:
             if (params := method.optimizer_parameters(self.model)) is not None:
                 return self.optimizer_factory(params=params)
         return self.optimizer_factory(
             params=[p for p in self.model.parameters() if p.requires_grad]
         )
+
+    def _scheduler(self, optimizer: torch.optim.Optimizer) -> LRScheduler:
+        """A schedule over optimizer steps; ``T_max: null`` means the planned number."""
+        keywords = getattr(self.scheduler_factory, "keywords", {})
+        if "T_max" in keywords and keywords["T_max"] is None:
+            steps = int(self.trainer.estimated_stepping_batches)
+            return self.scheduler_factory(optimizer, T_max=steps)
+        return self.scheduler_factory(optimizer)

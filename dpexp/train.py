@@ -69,7 +69,8 @@ def build(cfg: DictConfig, output_dir: Path):
         methods=methods,
         seed=cfg.seed,
     )
-    module = Classifier(model, instantiate(cfg.optimizer), methods)
+    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    module = Classifier(model, instantiate(cfg.optimizer), methods, scheduler)
     extra = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
     callbacks = [*methods, privacy, *extra]  # callbacks.<name>=null turns one off
     loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
