@@ -61,4 +61,5 @@ def test_mnist_subset_one_epoch(tiny_cfg, tmp_path):
     )
     result = run(cfg, tmp_path / "run")
     assert result["dataset"] == "mnist" and result["steps"] == 16
-    assert result["test_acc"] > 0.3  # far above chance after 16 DP steps
+    # far above chance after 16 DP steps (the last iterate: an average of 16 steps still lags)
+    assert result["test_acc_last"] > 0.3
