@@ -65,6 +65,23 @@ class CrashAfterStep(L.Callback):
             raise RuntimeError("crash for the resume test")
 
 
+class ValidationProbe(L.Callback):
+    """Records, at each validation batch, whether the model holds the EMA's average."""
+
+    latest: ValidationProbe | None = None
+
+    def __init__(self) -> None:
+        self.held_average: list[bool] = []
+        ValidationProbe.latest = self
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, *args) -> None:
+        ema = next(c for c in trainer.callbacks if isinstance(c, ParameterEMA))
+        params = dict(pl_module.named_parameters())
+        self.held_average.append(
+            all(torch.equal(params[n].detach(), a) for n, a in ema.average.items())
+        )
+
+
 def _load(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=False)
 
@@ -182,6 +199,22 @@ def test_privacy_and_training_are_untouched_by_averaging(tiny_cfg, tmp_path):
     plain = _load(tmp_path / "off" / "checkpoints" / "last.ckpt")["state_dict"]
     for n, value in raw.items():
         assert torch.equal(value, plain[n])
+
+
+def test_validation_scores_the_average_and_training_resumes_from_the_raw_iterate(
+    tiny_cfg, tmp_path
+):
+    fixed = [BK, "trainer.max_epochs=2", "callbacks.ema.decay=0.5"]
+    probe = ["+callbacks.probe._target_=tests.test_averaging.ValidationProbe"]
+    validated = tiny_cfg(*fixed, *probe, "trainer.limit_val_batches=1.0", output_dir=tmp_path / "v")
+    run(validated, tmp_path / "v")
+    assert ValidationProbe.latest.held_average == [True, True]  # one batch, each epoch
+    run(tiny_cfg(*fixed, output_dir=tmp_path / "plain"), tmp_path / "plain")
+    a = _load(tmp_path / "v" / "checkpoints" / "last.ckpt")["callbacks"]["ParameterEMA"]
+    b = _load(tmp_path / "plain" / "checkpoints" / "last.ckpt")["callbacks"]["ParameterEMA"]
+    for key in ("raw", "average"):  # validation changed nothing in training
+        for n, value in b[key].items():
+            assert torch.equal(a[key][n], value)
 
 
 def _score(cfg, weights: dict[str, torch.Tensor]) -> tuple[float, float]:
