@@ -108,6 +108,11 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
     container = OmegaConf.to_container(cfg, resolve=False)
     for key in ("paths", "hydra"):  # run-local; hydra is present only in composed test configs
         container.pop(key, None)
+    # Parameter averaging changes test_acc; absent (like no scheduler) it leaves the hash as
+    # it was before these options existed, so older sweeps still resume.
+    averaging = (container.get("callbacks") or {}).get("ema")
+    if not container.get("scheduler"):
+        container.pop("scheduler", None)
     for key in NOT_IDENTITY:
         *parents, leaf = key.split(".")
         node = container
@@ -115,6 +120,8 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
             node = node.get(parent) if isinstance(node, dict) else None
         if isinstance(node, dict):
             node.pop(leaf, None)
+    if averaging is not None:
+        container["averaging"] = averaging
     return container
 
 

@@ -85,6 +85,21 @@ def test_every_sweep_config_composes(tiny_cfg, name):
     assert OmegaConf.select(cfg, "hydra.sweep.dir") == f"multirun/{name}"
 
 
+def test_identity_counts_averaging_and_schedule_but_not_logging(tiny_cfg):
+    """Averaging and a schedule change what a job computes; absent, they leave the hash of
+    configs from before they existed unchanged."""
+    base = tiny_cfg("callbacks.ema=null")
+    legacy = OmegaConf.to_container(base, resolve=False)
+    del legacy["scheduler"], legacy["callbacks"]["ema"]
+    assert sweep.identity_hash(base) == sweep.identity_hash(OmegaConf.create(legacy))
+    hashes = {
+        sweep.identity_hash(tiny_cfg(*o))
+        for o in [("callbacks.ema=null",), (), ("callbacks.ema.decay=0.99",), ("scheduler=cosine",)]
+    }
+    assert len(hashes) == 4
+    assert sweep.identity_hash(tiny_cfg("logger=csv")) == sweep.identity_hash(tiny_cfg())
+
+
 def test_prepare_job_skips_finished_and_cleans_killed(tiny_cfg, tmp_path):
     job = tmp_path / "job"
     cfg = tiny_cfg(output_dir=job)
