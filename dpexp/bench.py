@@ -194,6 +194,8 @@ def benchmark(cfg: DictConfig) -> list[dict]:
     )
     size = int(cfg.dataset.batch_size)
     x = torch.randn(size, *cfg.dataset.image_shape)
+    if (features := getattr(model, "fixed_features", None)) is not None:
+        x = features(x)  # as training sees it: the data module computes these once
     y = torch.randint(0, int(cfg.dataset.num_classes), (size,))
     sigma = float(cfg.bench.noise_multiplier)
     contenders = [Contender(m, model, optimizer, size, sigma) for m in modes]

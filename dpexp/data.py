@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
 import lightning as L
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dpexp.errors import UserError
+
+log = logging.getLogger(__name__)
 
 # The read-only dataset mirror that sits beside a checkout of this repository (DPEXP_MIRROR
 # points elsewhere; tests point it at an empty folder to see a missing dataset).
@@ -255,6 +260,33 @@ class DataModule(L.LightningDataModule):
         self._resume_position = 0  # batch of the epoch to continue from (checkpoint)
         self.train = self.test = self.public = None
         self.planned_epochs: int | None = None
+        self.input_transform: nn.Module | None = None
+
+    def precompute(self, transform: nn.Module) -> None:
+        """Store ``transform(x)`` instead of every image ``x``, computed once at set-up.
+
+        Only for a fixed per-example transform (no parameters trained, no statistics of other
+        examples), e.g. a scattering front end: then this equals applying it at every step."""
+        if self.train is not None:
+            raise RuntimeError("precompute() must be called before setup()")
+        self.input_transform = transform
+
+    def _transformed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_transform is None:
+            return x
+        start = time.perf_counter()
+        with torch.no_grad():
+            if len(x) == 0:  # e.g. no public examples: keep the transformed shape
+                return self.input_transform(torch.zeros(1, *x.shape[1:]))[:0]
+            out = torch.cat([self.input_transform(chunk) for chunk in x.split(1024)])
+        log.info(
+            "%s: %s of %d images computed in %.0f s",
+            self.name,
+            type(self.input_transform).__name__,
+            len(x),
+            time.perf_counter() - start,
+        )
+        return out
 
     # Sizes are known before loading, so configs can be validated without touching the data.
     @property
@@ -286,11 +318,11 @@ class DataModule(L.LightningDataModule):
             x, y = _load_torchvision(self.name, root, train=True)
             xt, yt = _load_torchvision(self.name, root, train=False)
         n_public_start = len(y) - self.public_size
-        self.public = TensorData(x[n_public_start:], y[n_public_start:])
+        self.public = TensorData(self._transformed(x[n_public_start:]), y[n_public_start:])
         n = self.num_private
-        self.train = TensorData(x[:n], y[:n])
+        self.train = TensorData(self._transformed(x[:n]), y[:n])
         m = len(yt) if self.test_size is None else min(self.test_size, len(yt))
-        self.test = TensorData(xt[:m], yt[:m])
+        self.test = TensorData(self._transformed(xt[:m]), yt[:m])
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer  # None outside a Trainer; under DDP, this process's rank

@@ -57,6 +57,8 @@ def build(cfg: DictConfig, output_dir: Path):
     """Instantiate data, model, methods, privacy callback, module and trainer from ``cfg``."""
     datamodule = instantiate(cfg.dataset)
     model = instantiate(cfg.model)
+    if (features := getattr(model, "fixed_features", None)) is not None:
+        datamodule.precompute(features)  # a fixed per-example transform: once, not every step
     methods = build_methods(cfg)
     privacy = PrivacyCallback(
         enabled=bool(cfg.privacy.enabled),

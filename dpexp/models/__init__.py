@@ -10,6 +10,7 @@ from torch import nn
 from dpexp.models.cnn import CNNCifar, CNNTanh
 from dpexp.models.compat import IncompatibleModelError, make_dp_compatible
 from dpexp.models.resnet_gn import resnet18_gn
+from dpexp.models.scatternet import ScatterNetCNN
 
 
 def timm_model(
@@ -29,6 +30,7 @@ BUILDERS = {
     "cnn_tanh": CNNTanh,
     "cnn_cifar": CNNCifar,
     "resnet_gn": resnet18_gn,
+    "scatternet": ScatterNetCNN,
     "timm": timm_model,
 }
 
@@ -55,6 +57,7 @@ __all__ = [
     "CNNCifar",
     "CNNTanh",
     "IncompatibleModelError",
+    "ScatterNetCNN",
     "build_model",
     "make_dp_compatible",
     "resnet18_gn",
