@@ -370,3 +370,19 @@ def test_parameters_unfrozen_while_attached_are_not_dropped():
         sums, _, _ = engine.clipped_sum(x.double(), y, 1e6)  # nothing clipped
     ref = reference.per_sample_gradients(model, x.double(), y)
     torch.testing.assert_close(sums["features.0.weight"], ref["features.0.weight"].sum(0))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_step_keeps_nothing_alive(mode):
+    """No graph or layer input outlives the step: a leak of one batch per step fills the
+    memory within an epoch (seen as 23 GB after 20 MNIST epochs)."""
+    import gc
+    import weakref
+
+    model = build_model("scatternet", (1, 16, 16))  # a lowest layer fed by a parameter-free one
+    inputs = []
+    model.features[1].register_forward_hook(lambda m, a, out: inputs.append(weakref.ref(a[0])))
+    x, y = batch((81, 4, 4), n=8)
+    clip_and_sum(model, x, y, CLIP, mode=mode)
+    gc.collect()
+    assert inputs and all(ref() is None for ref in inputs), mode

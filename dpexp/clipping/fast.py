@@ -156,19 +156,25 @@ class FastEngine(ClippingEngine):
         # node), so an output gradient is kept only while its layer's clipped sum needs it.
         # Only the lowest layers (no history below them) and broadcast views are requested
         # from autograd: the nodes above run because they lie on the way to those.
-        requested = []
+        requested, hooks = [], []
         for layer in tape.layers:
             for call in layer.calls:
-                call.edge.node.register_prehook(step.prehook(layer, call))
+                hooks.append(call.edge.node.register_prehook(step.prehook(layer, call)))
                 if call.lowest:
                     requested.append((layer, call))
         broadcast_edges = [e for b in tape.broadcasts for es in b.edges.values() for e in es]
         edges = [call.edge for _, call in requested] + broadcast_edges
         if self.two_pass:
             edges.append(get_gradient_edge(out))
-        grads = list(
-            torch.autograd.grad(loss, edges, allow_unused=True, retain_graph=self.two_pass)
-        )
+        try:
+            grads = list(
+                torch.autograd.grad(loss, edges, allow_unused=True, retain_graph=self.two_pass)
+            )
+        finally:
+            # node → hook → call → edge → node is a cycle through C++ that Python's garbage
+            # collector cannot see: it would keep every step's graph and saved inputs alive
+            for hook in hooks:
+                hook.remove()
         out_grad = grads.pop() if self.two_pass else None
         for (layer, call), g in zip(requested, grads, strict=False):
             step.process(layer, call, g)  # capture-only nodes run no pre-hook
