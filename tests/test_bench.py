@@ -15,6 +15,7 @@ from dpexp.bench import FIELDS, markdown_table, peak_mb
 from dpexp.train import CONFIG_DIR
 
 TINY_BENCH = [
+    "model=cnn_tanh",
     "dataset=synthetic",
     "dataset.image_shape=[1,16,16]",
     "dataset.batch_size=8",
