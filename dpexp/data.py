@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -261,23 +262,50 @@ class DataModule(L.LightningDataModule):
         self.train = self.test = self.public = None
         self.planned_epochs: int | None = None
         self.input_transform: nn.Module | None = None
+        self.feature_cache: Path | None = None
 
-    def precompute(self, transform: nn.Module) -> None:
-        """Store ``transform(x)`` instead of every image ``x``, computed once at set-up.
+    def precompute(self, transform: nn.Module, cache_dir: str | Path | None = None) -> None:
+        """Store ``transform(x)`` instead of every image ``x``, computed once at set-up and
+        kept in ``cache_dir`` (if given) for the next run on the same images.
 
         Only for a fixed per-example transform (no parameters trained, no statistics of other
         examples), e.g. a scattering front end: then this equals applying it at every step."""
         if self.train is not None:
             raise RuntimeError("precompute() must be called before setup()")
         self.input_transform = transform
+        self.feature_cache = Path(cache_dir) if cache_dir is not None else None
+
+    def _cache_file(self, x: torch.Tensor) -> Path | None:
+        """Named by a hash of the images and of the transform's class and buffers (filters)."""
+        if self.feature_cache is None:
+            return None
+        digest = hashlib.sha256(torch.__version__.encode())
+        transform = self.input_transform
+        digest.update(f"{type(transform).__module__}.{type(transform).__qualname__}".encode())
+        for name, tensor in [*transform.state_dict().items(), ("x", x)]:
+            digest.update(name.encode())
+            digest.update(str((tensor.dtype, tuple(tensor.shape))).encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
+        return self.feature_cache / f"{self.name}-{len(x)}-{digest.hexdigest()[:20]}.pt"
 
     def _transformed(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_transform is None:
             return x
+        if len(x) == 0:  # e.g. no public examples: keep the transformed shape
+            with torch.no_grad():
+                return self.input_transform(torch.zeros(1, *x.shape[1:]))[:0]
+        cached = self._cache_file(x)
+        if cached is not None and cached.is_file():
+            try:
+                out = torch.load(cached, map_location="cpu", weights_only=True)
+                if torch.is_tensor(out) and len(out) == len(x):
+                    log.info("%s: %d precomputed features read from %s", self.name, len(x), cached)
+                    return out
+                raise ValueError(f"holds {type(out).__name__}, not {len(x)} feature rows")
+            except Exception as exc:  # a damaged cache costs a recomputation, never the run
+                log.warning("%s is unusable (%s): computing the features again", cached, exc)
         start = time.perf_counter()
         with torch.no_grad():
-            if len(x) == 0:  # e.g. no public examples: keep the transformed shape
-                return self.input_transform(torch.zeros(1, *x.shape[1:]))[:0]
             out = torch.cat([self.input_transform(chunk) for chunk in x.split(1024)])
         log.info(
             "%s: %s of %d images computed in %.0f s",
@@ -286,6 +314,11 @@ class DataModule(L.LightningDataModule):
             len(x),
             time.perf_counter() - start,
         )
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            partial = cached.with_suffix(f".{os.getpid()}.tmp")
+            torch.save(out, partial)
+            os.replace(partial, cached)  # atomic: a concurrent run sees all of it or nothing
         return out
 
     # Sizes are known before loading, so configs can be validated without touching the data.

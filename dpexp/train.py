@@ -58,7 +58,8 @@ def build(cfg: DictConfig, output_dir: Path):
     datamodule = instantiate(cfg.dataset)
     model = instantiate(cfg.model)
     if (features := getattr(model, "fixed_features", None)) is not None:
-        datamodule.precompute(features)  # a fixed per-example transform: once, not every step
+        # a fixed per-example transform: computed once (and cached), not at every step
+        datamodule.precompute(features, cfg.paths.get("feature_cache"))
     methods = build_methods(cfg)
     privacy = PrivacyCallback(
         enabled=bool(cfg.privacy.enabled),

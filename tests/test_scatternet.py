@@ -63,9 +63,52 @@ def test_data_module_stores_the_features_and_the_model_reads_either(tmp_path):
 
 
 def test_training_precomputes_the_features(tiny_cfg, tmp_path):
-    cfg = tiny_cfg("model=scatternet")
+    cfg = tiny_cfg("model=scatternet", f"paths.feature_cache={tmp_path / 'cache'}")
     datamodule, module, *_ = build(cfg, tmp_path / "run")
     assert datamodule.input_transform is module.model.fixed_features
+    assert datamodule.feature_cache == tmp_path / "cache"
     result = run(cfg, tmp_path / "run")
     assert result["model"] == "scatternet" and result["steps"] == 4
     assert 0 < result["n_params"] == sum(p.numel() for p in module.model.parameters())
+    assert len(list((tmp_path / "cache").glob("synthetic-*.pt"))) == 2
+
+
+def test_features_are_cached_by_images_and_transform_and_a_damaged_cache_is_recomputed(
+    tmp_path, monkeypatch, caplog
+):
+    model = build_model("scatternet", (1, 16, 16))
+    calls = []
+    original = model.fixed_features.forward
+    monkeypatch.setattr(
+        model.fixed_features, "forward", lambda x: calls.append(len(x)) or original(x)
+    )
+
+    def setup(seed=0):
+        dm = DataModule(
+            "synthetic", size=40, synthetic_test_size=10, image_shape=(1, 16, 16), seed=seed
+        )
+        dm.precompute(model.fixed_features, tmp_path)
+        dm.setup()
+        return dm
+
+    first = setup()
+    files = sorted(tmp_path.glob("*.pt"))
+    # one zero image gives the empty public split its shape; train and test are cached
+    assert len(files) == 2 and calls == [1, 40, 10]
+    calls.clear()
+    again = setup()
+    assert calls == [1]  # read back, not recomputed
+    torch.testing.assert_close(again.train.x, first.train.x, rtol=0, atol=0)
+    calls.clear()
+    other = setup(seed=1)  # other images: other files
+    assert calls == [1, 40, 10] and len(list(tmp_path.glob("*.pt"))) == 4
+    calls.clear()
+    assert files[0].name.startswith("synthetic-10-")  # the test split's
+    files[0].write_bytes(b"not a tensor")
+    with caplog.at_level("WARNING"):
+        repaired = setup()
+    assert "unusable" in caplog.text and calls == [1, 10]
+    torch.testing.assert_close(repaired.train.x, first.train.x, rtol=0, atol=0)
+    torch.testing.assert_close(repaired.test.x, first.test.x, rtol=0, atol=0)
+    assert not torch.equal(other.train.x, first.train.x)
+    assert not list(tmp_path.glob("*.tmp"))
