@@ -10,12 +10,14 @@ import math
 from pathlib import Path
 from typing import Any
 
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from dpexp.accounting import ACCOUNTANTS
 from dpexp.clipping import MODES, UnsupportedModelError, check_supported
 from dpexp.data import DATASETS, TORCHVISION, DataModule
-from dpexp.errors import ConfigError
+from dpexp.errors import ConfigError, UserError
 from dpexp.methods import build_methods
 from dpexp.models import BUILDERS
 
@@ -123,15 +125,27 @@ def validate_privacy(cfg: DictConfig, num_private: int) -> None:
         )
 
 
-def validate_clipping(cfg: DictConfig) -> None:
+def validate_model(cfg: DictConfig) -> nn.Module:
+    """The model must build as configured (e.g. its layers fit the dataset's image shape)."""
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(cfg.model)
+    except InstantiationException as exc:
+        cause = exc.__cause__ or exc
+        if isinstance(cause, UserError):  # already one line naming the culprit
+            raise cause from None
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else repr(cause)
+        _fail("model", cfg.model.name, f"cannot be built as configured: {reason}")
+
+
+def validate_clipping(cfg: DictConfig, model: nn.Module) -> None:
     """The chosen clipping mode must handle every trainable parameter of the model: fails
     before training, naming the module and its type."""
     if not _get(cfg, "privacy.enabled"):
         return
-    from hydra.utils import instantiate
-
     try:
-        check_supported(instantiate(cfg.model), cfg.clipping.mode)
+        check_supported(model, cfg.clipping.mode)
     except UnsupportedModelError as exc:
         _fail("clipping.mode", cfg.clipping.mode, f"{exc} (try clipping=functorch or auto)")
 
@@ -205,7 +219,7 @@ def validate(cfg: DictConfig) -> DataModule:
     _choice(cfg, "model.name", tuple(BUILDERS))
     dm = validate_dataset(cfg)
     validate_privacy(cfg, dm.num_private)
-    validate_clipping(cfg)
+    validate_clipping(cfg, validate_model(cfg))
     validate_trainer(cfg)
     validate_averaging(cfg)
     validate_checkpoint(cfg)

@@ -151,6 +151,11 @@ CASES = [
     Case("seed_negative", "seed < 0", ("seed=-1",), r"seed=-1 .*integer >= 0"),
     Case("model_unknown", "unknown model", ("model.name=vgg",), r"model\.name='vgg' .*cnn_tanh"),
     Case(
+        "model_unbuildable", "a model the images cannot feed (scattering scale 2^5 > 16 px)",
+        ("model.name=scatternet", "+model.J=5"),
+        r"model='scatternet' .*cannot be built as configured: .*2\^J",
+    ),
+    Case(
         "clipping_unknown", "unknown clipping mode", ("clipping.mode=fast",),
         r"clipping\.mode='fast' .*per_sample.*ghost",
     ),
