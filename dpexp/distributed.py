@@ -19,6 +19,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.trainer.states import TrainerFn
@@ -30,6 +31,21 @@ from dpexp.privacy.callback import PrivacyCallback
 
 class _StateReturningLauncher(_MultiProcessingLauncher):
     returns_callback_state = True  # PrivacyCallback refuses spawn launchers without this
+
+    def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
+        # Lightning leaves the gloo process group to interpreter shutdown, where its threads are
+        # sometimes destroyed while still joinable: the worker dies with SIGABRT ("terminate
+        # called without an active exception") after a finished fit. Wait for every rank to be
+        # done with the group, then close it here.
+        finished = False
+        try:
+            super()._wrapping_function(*args, **kwargs)
+            finished = True
+        finally:
+            if dist.is_available() and dist.is_initialized():
+                if finished:
+                    dist.barrier()
+                dist.destroy_process_group()
 
     def get_extra_results(self, trainer: L.Trainer) -> dict[str, Any]:
         extra = super().get_extra_results(trainer)
