@@ -29,23 +29,33 @@ from dpexp.methods.base import Method
 from dpexp.privacy.callback import PrivacyCallback
 
 
+def close_process_group(wait_for_peers: bool = True) -> None:
+    """Destroy the default process group and, with it, gloo's worker threads.
+
+    Lightning leaves the group to interpreter shutdown. A gloo thread may still hold the last
+    reference to a collective's tensor then; releasing it needs the GIL, which a finalizing
+    interpreter no longer hands out, and the worker dies with SIGABRT ("terminate called
+    without an active exception") after a finished fit. Destroying the group here joins those
+    threads while Python still runs. ``wait_for_peers``: barrier first, so that no rank leaves
+    while another is still in a collective (skipped after an error: the peers may be gone).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if wait_for_peers:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 class _StateReturningLauncher(_MultiProcessingLauncher):
     returns_callback_state = True  # PrivacyCallback refuses spawn launchers without this
 
     def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
-        # Lightning leaves the gloo process group to interpreter shutdown, where its threads are
-        # sometimes destroyed while still joinable: the worker dies with SIGABRT ("terminate
-        # called without an active exception") after a finished fit. Wait for every rank to be
-        # done with the group, then close it here.
         finished = False
         try:
             super()._wrapping_function(*args, **kwargs)
             finished = True
         finally:
-            if dist.is_available() and dist.is_initialized():
-                if finished:
-                    dist.barrier()
-                dist.destroy_process_group()
+            close_process_group(wait_for_peers=finished)
 
     def get_extra_results(self, trainer: L.Trainer) -> dict[str, Any]:
         extra = super().get_extra_results(trainer)
