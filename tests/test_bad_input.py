@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-import dpexp.data
+import dpexp.data.sources
 from dpexp.errors import UserError
 from dpexp.models import BUILDERS, build_model
 from dpexp.results import RESULT_FILE, write_json_atomic
@@ -73,9 +73,11 @@ def _ckpt_not_lightning(work: Path, _: pytest.MonkeyPatch) -> list[str]:
 
 
 def _no_dataset(work: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """dataset=mnist, dataset.root and the mirror (dpexp.data.MIRROR) empty folders"""
+    """dataset=mnist, dataset.root and the mirror (dpexp.data.sources.MIRROR) empty folders"""
     (work / "empty").mkdir()
-    monkeypatch.setattr(dpexp.data, "MIRROR", work / "empty")  # the repo's mirror is not seen
+    monkeypatch.setattr(
+        dpexp.data.sources, "MIRROR", work / "empty"
+    )  # the repo's mirror is not seen
     return [f"dataset.root={work / 'empty'}"]
 
 

@@ -64,7 +64,7 @@ def test_incompatible_model_names_the_module():
 
 
 def test_missing_dataset_is_one_clear_line(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "MIRROR", tmp_path / "no-mirror")
+    monkeypatch.setattr(data.sources, "MIRROR", tmp_path / "no-mirror")
     with pytest.raises(data.DatasetMissingError) as info:
         data.locate("mnist", tmp_path / "empty", download=False)
     message = str(info.value)

@@ -1,0 +1,27 @@
+"""Data: sources (torchvision, synthetic), the Poisson sampler, fixed features, the module."""
+
+from dpexp.data.datamodule import DataModule
+from dpexp.data.features import FixedFeatures
+from dpexp.data.sampler import PoissonBatchSampler
+from dpexp.data.sources import (
+    DATASETS,
+    NORMALIZATION,
+    TORCHVISION,
+    DatasetMissingError,
+    TensorData,
+    locate,
+    synthetic,
+)
+
+__all__ = [
+    "DATASETS",
+    "NORMALIZATION",
+    "TORCHVISION",
+    "DataModule",
+    "DatasetMissingError",
+    "FixedFeatures",
+    "PoissonBatchSampler",
+    "TensorData",
+    "locate",
+    "synthetic",
+]

@@ -1,0 +1,190 @@
+"""The Lightning data module: train/test (and public) splits as in-memory tensors, fed by
+the Poisson sampler; its checkpoint state lets a resumed run draw exactly the batches it
+missed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from dpexp.data.features import FixedFeatures
+from dpexp.data.sampler import PoissonBatchSampler
+from dpexp.data.sources import (
+    DATASETS,
+    TORCHVISION,
+    TensorData,
+    load_torchvision,
+    locate,
+    synthetic,
+)
+
+
+class DataModule(L.LightningDataModule):
+    """Train/test (and optional public) splits held in memory as normalised tensors.
+
+    ``public_size`` examples at the end of the training set are declared public: they are
+    removed from the private training data and may be used freely (e.g. to choose masks).
+    ``train_size``/``test_size`` take the first examples of each split (small test runs).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        root: str = "data",
+        batch_size: int = 256,
+        physical_batch_size: int | None = None,
+        train_size: int | None = None,
+        test_size: int | None = None,
+        public_size: int = 0,
+        eval_batch_size: int = 1024,
+        image_shape: tuple[int, ...] | list[int] = (3, 32, 32),
+        num_classes: int = 10,
+        size: int = 1024,
+        synthetic_test_size: int = 256,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if name not in DATASETS:
+            raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+        self.name = name
+        self.root = root
+        self.batch_size = batch_size
+        self.physical_batch_size = physical_batch_size
+        self.train_size = train_size
+        self.test_size = test_size
+        self.public_size = public_size
+        self.eval_batch_size = eval_batch_size
+        self.seed = seed
+        self.size = size
+        self.synthetic_test_size = synthetic_test_size
+        if name == "synthetic":
+            self.image_shape, self.num_classes = tuple(image_shape), num_classes
+            self._full_sizes = (size, synthetic_test_size)
+        else:
+            _, _, n_train, n_test, self.image_shape, self.num_classes = TORCHVISION[name]
+            self._full_sizes = (n_train, n_test)
+        self.sampler_generator = torch.Generator().manual_seed(seed)
+        self._sampler: PoissonBatchSampler | None = None
+        self._resume_position = 0  # batch of the epoch to continue from (checkpoint)
+        self.train = self.test = self.public = None
+        self.planned_epochs: int | None = None
+        self.input_transform: nn.Module | None = None
+        self.feature_cache: Path | None = None
+
+    def precompute(self, transform: nn.Module, cache_dir: str | Path | None = None) -> None:
+        """Store ``transform(x)`` instead of every image ``x``, computed once at set-up and
+        kept in ``cache_dir`` (if given) for the next run on the same images.
+
+        Only for a fixed per-example transform (no parameters trained, no statistics of other
+        examples), e.g. a scattering front end: then this equals applying it at every step."""
+        if self.train is not None:
+            raise RuntimeError("precompute() must be called before setup()")
+        self.input_transform = transform
+        self.feature_cache = Path(cache_dir) if cache_dir is not None else None
+
+    def _transformed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_transform is None:
+            return x
+        return FixedFeatures(self.input_transform, self.feature_cache)(self.name, x)
+
+    # Sizes are known before loading, so configs can be validated without touching the data.
+    @property
+    def num_private(self) -> int:
+        available = self._full_sizes[0] - self.public_size
+        return available if self.train_size is None else min(self.train_size, available)
+
+    @property
+    def sample_rate(self) -> float:
+        return self.batch_size / self.num_private
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, round(self.num_private / self.batch_size))
+
+    def locate(self) -> Path | None:
+        return None if self.name == "synthetic" else locate(self.name, self.root)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train is not None:
+            return
+        if self.name == "synthetic":
+            x, y = synthetic(self.size, self.image_shape, self.num_classes, seed=1000 + self.seed)
+            xt, yt = synthetic(
+                self.synthetic_test_size, self.image_shape, self.num_classes, seed=2000 + self.seed
+            )
+        else:
+            root = self.locate()
+            x, y = load_torchvision(self.name, root, train=True)
+            xt, yt = load_torchvision(self.name, root, train=False)
+        n_public_start = len(y) - self.public_size
+        self.public = TensorData(self._transformed(x[n_public_start:]), y[n_public_start:])
+        n = self.num_private
+        self.train = TensorData(self._transformed(x[:n]), y[:n])
+        m = len(yt) if self.test_size is None else min(self.test_size, len(yt))
+        self.test = TensorData(self._transformed(xt[:m]), yt[:m])
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer  # None outside a Trainer; under DDP, this process's rank
+        sampler = PoissonBatchSampler(
+            len(self.train),
+            self.sample_rate,
+            self.steps_per_epoch,
+            self.sampler_generator,
+            rank=trainer.global_rank if trainer else 0,
+            world_size=trainer.world_size if trainer else 1,
+        )
+        sampler.start, self._resume_position = self._resume_position, 0
+        self._sampler = sampler
+        return DataLoader(self.train, sampler=sampler, batch_size=None)
+
+    def _eval_loader(self, data: TensorData) -> DataLoader:
+        batches = torch.arange(len(data)).split(self.eval_batch_size)
+        return DataLoader(data, sampler=batches, batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.test)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.test)
+
+    # DDP via spawn pickles the data module; a torch.Generator pickles its state as a temporary
+    # tensor, shared by file descriptor and freed before the child reads it ("unable to resize
+    # file"). Send the state as bytes instead.
+    def __getstate__(self) -> dict:
+        state = self.sampler_generator.get_state().numpy().tobytes()
+        return {**self.__dict__, "sampler_generator": state}
+
+    def __setstate__(self, state: dict) -> None:
+        generator = torch.Generator()
+        generator.set_state(
+            torch.frombuffer(bytearray(state["sampler_generator"]), dtype=torch.uint8)
+        )
+        self.__dict__.update({**state, "sampler_generator": generator})
+
+    def state_dict(self) -> dict:
+        """The sampler's RNG as it was before the first batch training has not used yet, and
+        that batch's index in the epoch: a resumed run draws exactly the batches it missed."""
+        position, state = 0, self.sampler_generator.get_state()
+        if self._sampler is not None:
+            trainer = self.trainer
+            consumed = (
+                trainer.fit_loop.epoch_loop.batch_progress.current.processed
+                if trainer is not None
+                else self._sampler.drawn
+            )
+            position, state = self._sampler.resume_state(consumed)
+        return {"sampler_generator": state, "sampler_position": position}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.sampler_generator.set_state(state_dict["sampler_generator"])
+        self._resume_position = state_dict.get("sampler_position", 0)
+
+    def public_dataloader(self, batch_size: int = 256, shuffle: bool = True) -> DataLoader:
+        g = torch.Generator().manual_seed(self.seed + 7)
+        order = torch.randperm(len(self.public), generator=g) if shuffle else None
+        order = torch.arange(len(self.public)) if order is None else order
+        return DataLoader(self.public, sampler=order.split(batch_size), batch_size=None)
