@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
 from torch import nn
 
 import dpexp.data.sources
@@ -93,6 +94,24 @@ def _unclippable_model(work: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]
     return []
 
 
+def _reflect_padded(image_shape, num_classes, **_) -> nn.Module:
+    conv = nn.Conv2d(image_shape[0], 4, 3, padding=1, padding_mode="reflect")
+    return nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(4 * 16 * 16, num_classes))
+
+
+def _reflect_padded_model(work: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """the model's first layer is a Conv2d with padding_mode='reflect'"""
+    monkeypatch.setitem(BUILDERS, "cnn_tanh", _reflect_padded)
+    return []
+
+
+def _no_gpu(work: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """a machine without a GPU (Lightning sees neither CUDA nor MPS)"""
+    for accelerator in (CUDAAccelerator, MPSAccelerator):
+        monkeypatch.setattr(accelerator, "is_available", staticmethod(lambda: False))
+    return []
+
+
 def _finished_run(work: Path, _: pytest.MonkeyPatch) -> list[str]:
     """the run dir holds result.json"""
     write_json_atomic(work / "run" / RESULT_FILE, {"test_acc": 0.5})
@@ -166,8 +185,74 @@ CASES = [
         ("clipping=bk",), r"clipping\.mode='bk' .*shared.*functorch", _unclippable_model,
     ),
     Case(
+        "clipping_reference_blind_spot",
+        "clipping=per_sample on a layer Opacus' hooks get wrong (reflect padding)",
+        ("clipping=per_sample",),
+        r"clipping\.mode='per_sample' .*'0' \(Conv2d\): padding_mode='reflect' .*"
+        r"use clipping=functorch or auto, exact for it$",
+        _reflect_padded_model,
+    ),
+    Case(
         "epochs_zero", "no step planned", ("trainer.max_epochs=0",),
         r"trainer\.max_epochs=0 .*positive integer",
+    ),
+    Case(
+        "lr_negative", "learning rate < 0", ("optimizer.lr=-1",),
+        r"^optimizer\.lr=-1 is invalid: torch\.optim\.SGD refused it "
+        r"\(Invalid learning rate: -1\)$",
+    ),
+    Case(
+        "momentum_negative", "momentum < 0", ("optimizer.momentum=-3",),
+        r"^optimizer\.momentum=-3 is invalid: torch\.optim\.SGD refused it "
+        r"\(Invalid momentum value: -3\)$",
+    ),
+    Case(
+        "adam_beta", "Adam β₁ ≥ 1", ("optimizer=adam", "+optimizer.betas=[1.5,0.9]"),
+        r"^optimizer\.betas=\[1\.5, 0\.9\] is invalid: torch\.optim\.Adam refused it "
+        r"\(Invalid beta parameter at index 0: 1\.5\)$",
+    ),
+    Case(
+        "accelerator_absent", "trainer on a GPU the machine does not have",
+        ("trainer.accelerator=gpu",),
+        r"^trainer\.accelerator='gpu' is invalid: lightning\.Trainer refused it "
+        r"\(No supported gpu backend found!\)$",
+        _no_gpu,
+    ),
+    Case(
+        "trainer_unknown_option", "misspelt Trainer argument", ("+trainer.max_epoch=3",),
+        r"^trainer\.max_epoch=3 is invalid: lightning\.Trainer refused it "
+        r"\(.*unexpected keyword argument 'max_epoch'\)$",
+    ),
+    Case(
+        "scheduler_horizon_zero", "cosine schedule over 0 steps",
+        ("scheduler=cosine", "scheduler.T_max=0"),
+        r"^scheduler is invalid: torch\.optim\.lr_scheduler\.CosineAnnealingLR refused its "
+        r"settings \(integer modulo by zero\)$",
+    ),
+    Case(
+        "scheduler_unknown_option", "an option the scheduler does not have",
+        ("scheduler=cosine", "+scheduler.warmup_steps=100"),
+        r"^scheduler\.warmup_steps=100 is invalid: torch\.optim\.lr_scheduler\."
+        r"CosineAnnealingLR refused it \(.*unexpected keyword argument 'warmup_steps'\)$",
+    ),
+    Case(
+        "checkpoint_interval_negative", "checkpoint every −1 steps",
+        ("callbacks.step_checkpoint.every_n_train_steps=-1",),
+        r"^callbacks\.step_checkpoint\.every_n_train_steps=-1 is invalid: "
+        r"lightning\.pytorch\.callbacks\.ModelCheckpoint refused it "
+        r"\(Invalid value for every_n_train_steps=-1\. Must be >= 0\)$",
+    ),
+    Case(
+        "logger_unknown_option", "an option the CSV logger does not have",
+        ("logger=csv", "+logger.csv.flush_every=10"),
+        r"^logger\.csv\.flush_every=10 is invalid: lightning\.pytorch\.loggers\.CSVLogger "
+        r"refused it \(.*unexpected keyword argument 'flush_every'\)$",
+    ),
+    Case(
+        "wandb_offline_log_model", "W&B offline but asked to upload checkpoints",
+        ("logger=wandb", "logger.wandb.offline=true", "logger.wandb.log_model=true"),
+        r"^logger\.wandb is invalid: lightning\.pytorch\.loggers\.WandbLogger refused its "
+        r"settings \(Providing log_model=True and offline=True is an invalid configuration",
     ),
     Case(
         "pruning_rate_one", "pruning rate 1 (nothing trains)",
@@ -286,6 +371,17 @@ CLI_CASES = [
     CliCase(
         "cli_bad_delta", "δ = 1 aimed at a finished run's dir", (*TINY_DATA, "privacy.delta=1"),
         r"^dpexp: error: privacy\.delta=1\.0 is invalid: a number in \(0, 1\)$",
+    ),
+    CliCase(
+        "cli_lr_negative", "learning rate < 0 aimed at a finished run's dir",
+        (*TINY_DATA, *TINY, "optimizer.lr=-1"),
+        r"^dpexp: error: optimizer\.lr=-1 is invalid: torch\.optim\.SGD refused it",
+    ),
+    CliCase(
+        "cli_checkpoint_interval", "checkpoint every −1 steps, new run dir",
+        (*TINY_DATA, *TINY, "callbacks.step_checkpoint.every_n_train_steps=-1"),
+        r"^dpexp: error: callbacks\.step_checkpoint\.every_n_train_steps=-1 is invalid",
+        in_existing_run=False,
     ),
     CliCase(
         "cli_garbage_ckpt", "checkpoint is random bytes", (*TINY_DATA, *TINY),
