@@ -25,7 +25,7 @@ from hydra.errors import (
 )
 from hydra.experimental.callback import Callback as HydraCallback
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dpexp import sweep, tracking
 from dpexp.averaging import ParameterEMA
@@ -33,6 +33,7 @@ from dpexp.errors import UserError
 from dpexp.methods import build_methods
 from dpexp.module import Classifier
 from dpexp.privacy import PrivacyCallback
+from dpexp.privacy.settings import privacy_settings
 from dpexp.results import RESULT_FILE, config_hash, git_sha, read_result, write_json_atomic
 from dpexp.validate import check_checkpoint, validate
 
@@ -71,14 +72,29 @@ def build(cfg: DictConfig, output_dir: Path):
         clipping=cfg.clipping.mode,
         methods=methods,
         seed=cfg.seed,
+        verify=bool(cfg.clipping.get("verify", True)),
+        secure_noise=bool(cfg.privacy.get("secure_noise")),
+        settings=privacy_settings(cfg),
     )
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
-    module = Classifier(model, instantiate(cfg.optimizer), methods, scheduler)
+    module = Classifier(
+        model, instantiate(cfg.optimizer), methods, scheduler, private_stats_logged(cfg)
+    )
     extra = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
     callbacks = [*methods, privacy, *extra]  # callbacks.<name>=null turns one off
-    loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
+    loggers = [instantiate(c) for c in logger_nodes(cfg)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return datamodule, module, privacy, methods, trainer
+
+
+def logger_nodes(cfg: DictConfig) -> list[DictConfig]:
+    """The configured loggers (``logger.<name>``; ``logger.private_stats`` is a setting)."""
+    return [c for c in (cfg.logger or {}).values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def private_stats_logged(cfg: DictConfig) -> bool:
+    """Do the logs hold statistics of private batches? Always for a non-private run."""
+    return not cfg.privacy.enabled or bool(OmegaConf.select(cfg, "logger.private_stats"))
 
 
 def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
@@ -159,6 +175,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         "test_loss_last": float(test_last["test/loss"]),
         "averaging": averaging.label if averaging is not None else "none",
         **privacy.summary(),
+        "logs_contain_private_statistics": private_stats_logged(cfg),
         "epochs": trainer.current_epoch,
         "method": cfg.method.name,
         "dataset": cfg.dataset.name,
@@ -183,10 +200,12 @@ def summary_line(result: dict[str, Any]) -> str:
     privacy = f"epsilon={eps:.3f} delta={result['delta']:g}" if eps is not None else "non-private"
     averaging = result.get("averaging", "none")
     last = f" test_acc_last={result['test_acc_last']:.4f}" if averaging != "none" else ""
+    noise = f" noise: {result['noise']}" if result.get("noise") else ""
     return (
         f"test_acc={result['test_acc']:.4f}{last} averaging={averaging} {privacy} "
         f"steps={result['steps']} "
         f"method={result['method']} clipping={result['clipping']} wall={result['wall_s']:.0f}s"
+        f"{noise}"
     )
 
 
