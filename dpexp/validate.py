@@ -189,8 +189,8 @@ def check_checkpoint(cfg: DictConfig, path: str | Path, key: str = "ckpt_path") 
 
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        _fail(key, path, f"a readable checkpoint ({type(exc).__name__}: corrupt file?)")
+    except Exception:  # the error type depends on where the file was cut
+        _fail(key, path, "a readable checkpoint (truncated or corrupt)")
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         _fail(key, path, "a Lightning checkpoint (no state_dict in the file)")
     _check_checkpoint_model(cfg, path, ckpt["state_dict"], key)

@@ -124,7 +124,7 @@ def test_logs_hold_only_dp_outputs_and_public_evaluations_by_default(tiny_cfg, t
 
 
 def test_private_stats_are_logged_on_request_and_the_run_is_marked(tiny_cfg, tmp_path):
-    result = run(tiny_cfg("logger.private_stats=true"), tmp_path / "run")
+    result = run(tiny_cfg("logger=csv", "logger.private_stats=true"), tmp_path / "run")
     columns = set(pd.read_csv(tmp_path / "run" / "csv" / "metrics.csv").columns)
     assert columns >= PRIVATE_COLUMNS
     assert result["logs_contain_private_statistics"] is True
