@@ -1,12 +1,15 @@
-"""Paper tables: run a table's sweeps, report them, and set our numbers beside the paper's.
+"""Paper tables: run a table's sweeps, keep their results, and set our numbers beside the paper's.
 
 python -m dpexp.tables <table> [--run] [--doc PATH] [override ...]
 
 ``--run`` runs the table's sweeps first (``python -m dpexp.train -m ...``, resumable: finished
-jobs are skipped), with the extra overrides appended (e.g. ``trainer.max_epochs=3``). Then
-every sweep dir is reported (``<sweep>/report``) and ``docs/results/tables/<table>.md`` is written:
-the command, hardware, epochs, deviations from the paper, and one row per table cell with our
-mean ± std over seeds, the published number (or n/a) and the difference.
+jobs are skipped), with the extra overrides appended (e.g. ``trainer.max_epochs=3``). Every
+finished job found in ``multirun/`` is then kept under ``docs/results/<table>/`` (its
+``result.json`` and ``job.json``, a few kB, meant to be committed) with a ``results.csv`` of
+all of them, and ``docs/results/tables/<table>.md`` is written from those kept results: the
+command, hardware, epochs, deviations from the paper, and one row per table cell with our
+mean ± std over seeds, the published number (or n/a) and the difference. Without ``--run`` and
+without ``multirun/``, the page is regenerated from the committed results alone.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import glob
 import hashlib
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -26,6 +30,8 @@ import pandas as pd
 
 from dpexp import report
 from dpexp.errors import UserError
+from dpexp.results import RESULT_FILE, read_result
+from dpexp.sweep import JOB_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,6 +120,7 @@ TABLES: dict[str, PaperTable] = {
             Sweep("pruning_tradeoff", ("experiment=pruning_tradeoff",)),
             Sweep("pruning_tradeoff_fmnist", ("experiment=pruning_tradeoff_fmnist",)),
         ),
+        paper_epochs=40,
         deviations="No published MNIST/FashionMNIST numbers are quoted here (n/a).",
     ),
     "rgp_ablation": PaperTable(
@@ -177,9 +184,32 @@ def run_sweeps(table: PaperTable, overrides: list[str]) -> None:
         subprocess.run(cmd, cwd=REPO, check=True)
 
 
-def collect(table: PaperTable, root: Path, overrides: list[str]) -> tuple[pd.DataFrame, list[str]]:
-    """Completed rows of all the table's sweeps run with ``overrides`` (each also reported to
-    <sweep>/report), and the jobs still missing."""
+def kept_dir(root: Path, name: str) -> Path:
+    """Where a table's finished jobs are kept (committed): docs/results/<table>/."""
+    return root / "docs" / "results" / name
+
+
+def keep_results(name: str, table: PaperTable, root: Path, overrides: list[str]) -> int:
+    """Copy every finished job of the table's sweeps in ``multirun/`` (result.json, job.json)
+    to :func:`kept_dir`; returns how many jobs are kept there now."""
+    for sweep in dict.fromkeys(s.task_name(overrides) for s in table.sweeps):
+        source = root / "multirun" / sweep
+        for job in sorted(p.parent for p in source.glob(f"*/{RESULT_FILE}")):
+            identity = [f for f in (JOB_FILE, ".hydra/overrides.yaml") if (job / f).is_file()]
+            if read_result(job) is None or not identity:
+                continue
+            target = kept_dir(root, name) / sweep / job.name
+            for file in (RESULT_FILE, identity[0]):
+                (target / file).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(job / file, target / file)
+    return len(list(kept_dir(root, name).glob(f"*/*/{RESULT_FILE}")))
+
+
+def collect(
+    name: str, table: PaperTable, root: Path, overrides: list[str]
+) -> tuple[pd.DataFrame, list[str]]:
+    """Completed rows of all the table's sweeps run with ``overrides``, from the kept results
+    (also written to <kept>/results.csv), and the jobs still missing in ``multirun/``."""
     if table.bench_csv:
         paths = sorted(glob.glob(str(root / table.bench_csv)))
         if not paths:
@@ -187,15 +217,24 @@ def collect(table: PaperTable, root: Path, overrides: list[str]) -> tuple[pd.Dat
         return pd.concat([pd.read_csv(p) for p in paths], ignore_index=True), []
     frames, missing, override_keys = [], [], {}
     names = dict.fromkeys(sweep.task_name(overrides) for sweep in table.sweeps)  # shared dirs once
-    for name in names:
-        df = report.collect(root / "multirun" / name)
-        report.summarize(df, root / "multirun" / name / "report")
+    for sweep in names:
+        kept = kept_dir(root, name) / sweep
+        if not kept.is_dir():
+            raise UserError(f"{kept} holds no results: run `make reproduce TABLE={name}`")
+        df = report.collect(kept)
+        if (root / "multirun" / sweep).is_dir():  # the grid's unfinished jobs, if run here
+            live = report.collect(root / "multirun" / sweep)
+            report.summarize(live, root / "multirun" / sweep / "report")
+            df = pd.concat([df, live[live["status"] != report.STATUS_COMPLETE]])
+            df.attrs["overrides"] = list(dict.fromkeys([*df.attrs.get("overrides", []),
+                                                        *live.attrs["overrides"]]))  # fmt: skip
         override_keys.update(dict.fromkeys(df.attrs["overrides"]))
         frames.append(df[df["status"] == report.STATUS_COMPLETE])
         undone = df[df["status"] != report.STATUS_COMPLETE]
-        missing += [f"{name}: {s}: {j}" for s, j in zip(undone.status, undone.job, strict=True)]
+        missing += [f"{sweep}: {s}: {j}" for s, j in zip(undone.status, undone.job, strict=True)]
     done = pd.concat(frames, ignore_index=True)
     done.attrs["overrides"] = list(override_keys)
+    done.to_csv(kept_dir(root, name) / "results.csv", index=False)
     return done, missing
 
 
@@ -275,6 +314,9 @@ def document(name: str, table: PaperTable, merged: pd.DataFrame, missing: list[s
     ]
     for _, row in merged.iterrows():
         ours = f"{row['ours']:.2f} ± {row['ours_std']:.2f}"
+        short = table.paper_epochs and row.get("epochs", table.paper_epochs) < table.paper_epochs
+        if short:  # marked in the cell itself, not only in the epochs line
+            ours += f" ({row['epochs']:.0f} of {table.paper_epochs} epochs)"
         cells = [_cell(row[c], DIGITS[c]) if c in DIGITS else _key_cell(row[c]) for c in cols]
         cells += [ours, _cell(row["published"]), _cell(row["diff"])]
         lines.append("| " + " | ".join(cells) + " |")
@@ -298,7 +340,9 @@ def main(argv: list[str] | None = None) -> None:
                            check=True)  # fmt: skip
         elif args.run:
             run_sweeps(table, args.overrides)
-        done, missing = collect(table, REPO, args.overrides)
+        if not table.bench_csv:
+            keep_results(args.table, table, REPO, args.overrides)
+        done, missing = collect(args.table, table, REPO, args.overrides)
         text = document(args.table, table, merge(table, done), missing, args.overrides)
     except UserError as exc:
         print(f"dpexp.tables: error: {exc}", file=sys.stderr)
