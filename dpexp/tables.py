@@ -115,9 +115,37 @@ TABLES: dict[str, PaperTable] = {
     "pruning_tradeoff": PaperTable(
         title="Pre-pruning trade-off: accuracy over pruning rate × ε × scorer",
         source="Adamczewski & Park, DP meets pruning, arXiv 2303.04612",
-        keys=("dataset", "pruning.scorer", "pruning.rate", "privacy.epsilon"),
+        keys=(
+            "dataset",
+            "method",
+            "pruning.scorer",
+            "pruning.rate",
+            "select.rate",
+            "privacy.epsilon",
+        ),
         sweeps=(
             Sweep("pruning_tradeoff", ("experiment=pruning_tradeoff",)),
+            # three seeds for the cells of the seed's claim: rate 0 vs 0.5 at ε = 1
+            Sweep(
+                "pruning_tradeoff",
+                (
+                    "experiment=pruning_tradeoff",
+                    "privacy.epsilon=1",
+                    "pruning.rate=0,0.5",
+                    "seed=1,2",
+                ),
+            ),
+            # gradient dropping: a fresh random selection of 1 - rate of the weights each step
+            Sweep(
+                "pruning_tradeoff",
+                (
+                    "experiment=pruning_tradeoff",
+                    "method=select",
+                    "select.rate=0.5,0.8,0.9",
+                    "pruning.rate=0",
+                    "pruning.scorer=random",
+                ),
+            ),
             Sweep("pruning_tradeoff_fmnist", ("experiment=pruning_tradeoff_fmnist",)),
         ),
         paper_epochs=40,
