@@ -1,0 +1,57 @@
+"""Any timm architecture, randomly initialised or with timm's hub weights (``pretrained``)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from dpexp.errors import ConfigError
+from dpexp.models.compat import make_dp_compatible
+
+LOCAL_FILE = "model.pretrained=false model.weights=/path/to/model.safetensors"
+
+
+def timm_model(
+    model_name: str,
+    image_shape=(3, 32, 32),
+    num_classes: int = 10,
+    pretrained: bool = False,
+    **kwargs,
+) -> nn.Module:
+    """``timm.create_model(model_name)`` for ``image_shape`` and ``num_classes``, made
+    DP-compatible. ``pretrained`` loads timm's hub weights (timm adapts the classifier, the
+    input channels and a ViT's position embedding); without a network that fails here, before
+    training, with one line saying how to pass a local file instead."""
+    import timm
+
+    if not isinstance(pretrained, bool):
+        raise ConfigError(f"model.pretrained={pretrained!r} is invalid: true or false")
+    kwargs.setdefault("in_chans", image_shape[0])
+    if "vit" in model_name or "deit" in model_name:
+        kwargs.setdefault("img_size", tuple(image_shape[1:]))
+    # built without weights first: a bad name or option fails as such, not as a download
+    model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, **kwargs)
+    if pretrained:
+        if not timm.is_model_pretrained(model_name):
+            raise ConfigError(
+                f"model.pretrained=true is invalid: timm has no hub weights for {model_name!r} "
+                f"(timm.list_pretrained() names those that have); or pass a file: {LOCAL_FILE}"
+            )
+        try:
+            model = timm.create_model(
+                model_name, pretrained=True, num_classes=num_classes, **kwargs
+            )
+        except Exception as exc:  # no network, hub error, unreadable cache: all end here
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "no message"
+            raise ConfigError(
+                f"model.pretrained=true is invalid here: timm could not fetch the hub weights "
+                f"of {model_name!r} ({type(exc).__name__}: {reason[:160]}); offline, download "
+                f"them where there is a network and pass the local file: {LOCAL_FILE}"
+            ) from exc
+    return make_dp_compatible(model)
+
+
+def hub_weights(model: nn.Module) -> str:
+    """The hub checkpoint timm loaded into ``model`` (for result.json)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    tag = cfg.get("hf_hub_id") or cfg.get("url") or cfg.get("architecture", "?")
+    return f"timm hub: {tag}"
