@@ -78,13 +78,15 @@ def build_model(
         init = {"model_weights": hub_weights(model), "model_head": head_note}
     trained = apply_trainable(model, patterns, name)
     new_head = find_head(model) if init["model_head"] not in (None, "loaded") else None
-    if new_head is not None and not set(new_head.parameter_names) & set(trained):
+    frozen = [n for n in new_head.parameter_names if n not in trained] if new_head else []
+    if frozen:
         log.warning(
-            "model.head=reset gave %s a new random classifier %s that model.trainable=%s "
-            "leaves frozen; add 'head' to model.trainable to train it",
+            "%s has a new random classifier %s (model.head=reset) but model.trainable=%s "
+            "leaves %s frozen; add 'head' to model.trainable to train it",
             name,
             new_head.name,
             patterns,
+            ", ".join(frozen),
         )
     _INIT[model] = {**init, "model_trainable": patterns}
     return model
