@@ -28,14 +28,14 @@ def timm_model(
     kwargs.setdefault("in_chans", image_shape[0])
     if "vit" in model_name or "deit" in model_name:
         kwargs.setdefault("img_size", tuple(image_shape[1:]))
+    if pretrained and timm.is_model(model_name) and not timm.is_model_pretrained(model_name):
+        raise ConfigError(
+            f"model.pretrained=true is invalid: timm has no hub weights for {model_name!r} "
+            f"(timm.list_pretrained() names those that have); or pass a file: {LOCAL_FILE}"
+        )
     # built without weights first: a bad name or option fails as such, not as a download
     model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, **kwargs)
     if pretrained:
-        if not timm.is_model_pretrained(model_name):
-            raise ConfigError(
-                f"model.pretrained=true is invalid: timm has no hub weights for {model_name!r} "
-                f"(timm.list_pretrained() names those that have); or pass a file: {LOCAL_FILE}"
-            )
         try:
             model = timm.create_model(
                 model_name, pretrained=True, num_classes=num_classes, **kwargs
@@ -51,7 +51,9 @@ def timm_model(
 
 
 def hub_weights(model: nn.Module) -> str:
-    """The hub checkpoint timm loaded into ``model`` (for result.json)."""
+    """What timm loaded into ``model`` (for result.json): a local file given through
+    ``pretrained_cfg_overlay={file: ...}``, else the hub checkpoint."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    tag = cfg.get("hf_hub_id") or cfg.get("url") or cfg.get("architecture", "?")
-    return f"timm hub: {tag}"
+    if cfg.get("file"):
+        return f"timm file: {cfg['file']}"
+    return f"timm hub: {cfg.get('hf_hub_id') or cfg.get('url') or cfg.get('architecture', '?')}"

@@ -133,13 +133,24 @@ def _unwrap(loaded: Any, source: Any) -> dict[str, torch.Tensor]:
         _fail(source, f"{SOURCES}; the file holds {held}")
     odd = next(((k, v) for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
     if odd is not None or not all(isinstance(k, str) for k in state):
-        what = f"its {odd[0]!r} is a {type(odd[1]).__name__}" if odd else "non-string keys"
+        what = (
+            f"its {odd[0]!r} is not a tensor ({type(odd[1]).__name__})" if odd else "keys not str"
+        )
         _fail(source, f"a state dict of tensors ({SOURCES}); {what}")
     if wrapper == "state_dict":  # a Lightning checkpoint: keys of the LightningModule
         state = {k.removeprefix(LIGHTNING_PREFIX): v for k, v in state.items()}
     if all(k.startswith("module.") for k in state):  # saved from a DistributedDataParallel
         state = {k.removeprefix("module."): v for k, v in state.items()}
     return state
+
+
+def _classes(state: dict[str, torch.Tensor], qualified) -> int | None:
+    """Class scores of the saved classifier: rows of its weight (or length of its bias)."""
+    for local in ("weight", "bias"):
+        tensor = state.get(qualified(local))
+        if tensor is not None and tensor.dim() >= 1:
+            return int(tensor.shape[0])
+    return None
 
 
 def load_weights(
@@ -158,13 +169,12 @@ def load_weights(
     if classifier is not None:
         keys = [k for k in classifier.state_keys if k in expected]
         in_file = [k for k in keys if k in state]
-        differs = [k for k in in_file if state[k].shape != expected[k].shape]
-        weight = classifier.qualified("weight")
-        file_classes = int(state[weight].shape[0]) if weight in state else None
+        classes = _classes(state, classifier.qualified)
+        differs = classes is not None and classes != classifier.classes
         if differs and head == "keep":
             raise ConfigError(
                 f"model.head='keep' is invalid: the classifier {classifier.name} in {path} "
-                f"scores {file_classes} classes, {model_name} here {classifier.classes} "
+                f"scores {classes} classes, {model_name} here {classifier.classes} "
                 "(dataset.num_classes); model.head=reset gives it a new classifier"
             )
         if head == "reset" and (differs or not in_file):
@@ -172,11 +182,11 @@ def load_weights(
                 del state[k]
             new_head = set(keys)
             head_note = (
-                f"reset: {file_classes} → {classifier.classes} classes"
+                f"reset: {classes} → {classifier.classes} classes"
                 if in_file
                 else f"new: {path.name} has no classifier {classifier.name}"
             )
-    mismatched = [k for k in state if k in expected and state[k].shape != expected[k].shape]
+    mismatched = [k for k in expected if k in state and state[k].shape != expected[k].shape]
     if mismatched:
         k = mismatched[0]
         more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
