@@ -188,6 +188,11 @@ def _truncated_safetensors(work: Path) -> str:
     return str(work / "cut.safetensors")
 
 
+def _pickled_module(work: Path) -> str:
+    torch.save(cnn(10), work / "module.pt")  # the whole module, not its state dict
+    return str(work / "module.pt")
+
+
 def _not_a_state_dict(work: Path) -> str:
     torch.save({"epoch": 3}, work / "meta.pt")
     return str(work / "meta.pt")
@@ -216,8 +221,15 @@ def _ten_classes(work: Path) -> str:
 
 BAD = {  # id: (weights file maker, extra overrides, message regex)
     "garbage_pt": (lambda w: _random_bytes(w, "w.pt"), (),
-                   r"^model\.weights='.*w\.pt' is invalid: a readable weights file, a dpexp run "
-                   r"dir, .* \(UnpicklingError: .*\)$"),
+                   r"^model\.weights='.*w\.pt' is invalid: a dpexp run "
+                   r"dir, .* \(UnpicklingError: Unsupported operand \d+; not a torch\.save "
+                   r"file\?\)$"),
+    "pickled_module": (_pickled_module, (),
+                       r"^model\.weights='.*module\.pt' is invalid: a dpexp run dir, .* "
+                       r"\(it pickles dpexp\.models\.cnn\.CNNTanh, not only tensors: save "
+                       r"model\.state_dict\(\)\)$"),
+    "empty_file": (lambda w: (w / "empty.pt").touch() or str(w / "empty.pt"), (),
+                   r"\(EOFError: empty or truncated file\)$"),
     "garbage_safetensors": (lambda w: _random_bytes(w, "w.safetensors"), (),
                             r"^model\.weights='.*w\.safetensors' is invalid: a readable "
                             r"safetensors file \(SafetensorError: .*\)$"),

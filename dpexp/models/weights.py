@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -112,8 +113,20 @@ def read_state_dict(path: Path, source: Any = None) -> dict[str, torch.Tensor]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        _fail(source, f"a readable weights file, {SOURCES} ({type(exc).__name__}: {_first(exc)})")
+        _fail(source, f"{SOURCES} ({_torch_load_reason(exc)})")
     return _unwrap(loaded, source)
+
+
+def _torch_load_reason(exc: Exception) -> str:
+    """torch.load's refusal in a few words (its own message runs to several sentences)."""
+    text = str(exc)
+    pickled = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if pickled:
+        return f"it pickles {pickled.group(1)}, not only tensors: save model.state_dict()"
+    unpickler = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    if unpickler:
+        return f"{type(exc).__name__}: {unpickler.group(1).strip()}; not a torch.save file?"
+    return f"{type(exc).__name__}: {_first(exc) if text.strip() else 'empty or truncated file'}"
 
 
 def _first(exc: Exception, limit: int = 160) -> str:
