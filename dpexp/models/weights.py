@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from dpexp.errors import ConfigError
-from dpexp.models.head import find_head
+from dpexp.models.head import Head, find_head
 
 log = logging.getLogger(__name__)
 
@@ -157,10 +157,10 @@ def _unwrap(loaded: Any, source: Any) -> dict[str, torch.Tensor]:
     return state
 
 
-def _classes(state: dict[str, torch.Tensor], qualified) -> int | None:
+def _classes(state: dict[str, torch.Tensor], head: Head) -> int | None:
     """Class scores of the saved classifier: rows of its weight (or length of its bias)."""
     for local in ("weight", "bias"):
-        tensor = state.get(qualified(local))
+        tensor = state.get(head.qualified(local))
         if tensor is not None and tensor.dim() >= 1:
             return int(tensor.shape[0])
     return None
@@ -182,7 +182,7 @@ def load_weights(
     if classifier is not None:
         keys = [k for k in classifier.state_keys if k in expected]
         in_file = [k for k in keys if k in state]
-        classes = _classes(state, classifier.qualified)
+        classes = _classes(state, classifier)
         differs = classes is not None and classes != classifier.classes
         if differs and head == "keep":
             raise ConfigError(
@@ -212,9 +212,9 @@ def load_weights(
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
         report = ", ".join(
-            f"{len(keys)} {what} keys ({_some(keys)})"
-            for what, keys in (("missing", missing), ("unexpected", unexpected))
-            if keys
+            f"{len(names)} {what} keys ({_some(names)})"
+            for what, names in (("missing", missing), ("unexpected", unexpected))
+            if names
         )
         if strict:
             _fail(source, f"weights of {model_name}: {report}; model.strict=false loads the rest")
