@@ -306,5 +306,6 @@ def test_offline_pretrained_fails_before_training_with_one_line(tmp_path):
         r"model\.safetensors",
         lines[0],
     ), lines[0]
+    assert done.stdout.strip() == ""  # nor any retry or download message around it
     assert not (tmp_path / "new").exists()
     assert not [p for p in hub.rglob("*") if p.is_file() and p.stat().st_size > 0]

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from torch import nn
 
 from dpexp.errors import ConfigError
@@ -37,17 +41,36 @@ def timm_model(
     model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, **kwargs)
     if pretrained:
         try:
-            model = timm.create_model(
-                model_name, pretrained=True, num_classes=num_classes, **kwargs
-            )
+            with _quiet("timm", "huggingface_hub"):  # no retry warnings around the one line
+                model = timm.create_model(
+                    model_name, pretrained=True, num_classes=num_classes, **kwargs
+                )
         except Exception as exc:  # no network, hub error, unreadable cache: all end here
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "no message"
             raise ConfigError(
                 f"model.pretrained=true is invalid here: timm could not fetch the hub weights "
-                f"of {model_name!r} ({type(exc).__name__}: {reason[:160]}); offline, download "
-                f"them where there is a network and pass the local file: {LOCAL_FILE}"
+                f"of {model_name!r} ({type(exc).__name__}: {_first_sentence(exc)}); offline, "
+                f"download them where there is a network and pass the local file: {LOCAL_FILE}"
             ) from exc
     return make_dp_compatible(model)
+
+
+@contextmanager
+def _quiet(*loggers: str) -> Iterator[None]:
+    """Only errors from these libraries' loggers while inside (e.g. the hub client's retries)."""
+    saved = {name: logging.getLogger(name).level for name in loggers}
+    for name in loggers:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def _first_sentence(exc: Exception, limit: int = 200) -> str:
+    text = " ".join(str(exc).split()) or "no message"
+    sentence = text.split(". ")[0].rstrip(".")
+    return sentence if len(sentence) <= limit else sentence[: limit - 1] + "…"
 
 
 def hub_weights(model: nn.Module) -> str:
