@@ -31,6 +31,7 @@ from dpexp import sweep, tracking
 from dpexp.averaging import ParameterEMA
 from dpexp.errors import UserError
 from dpexp.methods import build_methods
+from dpexp.models import RUN_WEIGHTS, init_fields, save_weights
 from dpexp.module import Classifier
 from dpexp.privacy import PrivacyCallback
 from dpexp.privacy.settings import privacy_settings
@@ -182,6 +183,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         "model": cfg.model.name,
         "n_params": n_params,
         "trainable_fraction": min(fractions) if fractions else n_trainable / n_params,
+        **init_fields(model),  # weights started from, head, trainable patterns
         "wall_s": round(time.perf_counter() - start, 2),
         "seed": cfg.seed,
         "git_sha": git_sha(),
@@ -191,6 +193,9 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     for method in methods:
         result.update(method.result_fields())
     tracking.log_result(trainer.loggers, result, step=trainer.global_step)
+    # the model test_acc scored, for a later run's model.weights=<this run dir>
+    provenance = {k: result[k] for k in ("model", "dataset", "config_hash")}
+    save_weights(model, output_dir / RUN_WEIGHTS, provenance)
     write_json_atomic(output_dir / RESULT_FILE, result)
     return result
 
