@@ -81,9 +81,16 @@ def build(cfg: DictConfig, output_dir: Path):
     return datamodule, module, privacy, methods, trainer
 
 
-def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
-    """The checkpoint to continue from; refuses to start over another run's checkpoints."""
+def resume_checkpoint(cfg: DictConfig, output_dir: Path, own_attempt: bool = False) -> str | None:
+    """The checkpoint to continue from; refuses to start over another run's checkpoints.
+
+    ``own_attempt``: a multirun job continues its own interrupted attempt (dpexp.sweep), from
+    its ``last.ckpt`` as with ``resume=true``, whatever ``resume`` and ``ckpt_path`` say."""
     last = output_dir / "checkpoints" / "last.ckpt"
+    if own_attempt:
+        check_checkpoint(cfg, last, key="resume")
+        log.info("continuing the interrupted attempt from %s", last)
+        return str(last)
     if cfg.get("ckpt_path"):
         ckpt = Path(cfg.ckpt_path)
         if last.is_file() and ckpt.resolve() != last.resolve():
@@ -106,14 +113,14 @@ def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
     return None
 
 
-def check_run_dir(cfg: DictConfig, output_dir: Path) -> str | None:
+def check_run_dir(cfg: DictConfig, output_dir: Path, own_attempt: bool = False) -> str | None:
     """Refuse to write over a finished or unfinished run; return the checkpoint to resume."""
     if read_result(output_dir) is not None:
         raise UserError(
             f"{output_dir / RESULT_FILE} already exists: this run is complete; "
             "choose another hydra.run.dir to train again"
         )
-    return resume_checkpoint(cfg, output_dir)
+    return resume_checkpoint(cfg, output_dir, own_attempt)
 
 
 class Preflight(HydraCallback):
@@ -133,10 +140,11 @@ class Preflight(HydraCallback):
             sys.exit(2)
 
 
-def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
-    """Train and test one configuration; write and return its result."""
+def run(cfg: DictConfig, output_dir: Path, own_attempt: bool = False) -> dict[str, Any]:
+    """Train and test one configuration; write and return its result (``own_attempt``: see
+    :func:`resume_checkpoint`)."""
     datamodule = validate(cfg)
-    ckpt_path = check_run_dir(cfg, output_dir)
+    ckpt_path = check_run_dir(cfg, output_dir, own_attempt)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     start = time.perf_counter()
     datamodule, module, privacy, methods, trainer = build(cfg, output_dir)
@@ -201,7 +209,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
             sweep.check_strategy(cfg)
             overrides = list(HydraConfig.get().overrides.task)
             finished = sweep.prepare_job(cfg, output_dir, overrides)
-        result = finished or run(cfg, output_dir)
+        own_attempt = finished is None and sweep.in_multirun() and sweep.resumes(output_dir)
+        result = finished or run(cfg, output_dir, own_attempt)
     except UserError as exc:
         if _debug():
             raise
