@@ -49,6 +49,9 @@ for message in (
     # the Poisson sampler resumes mid-epoch through DataModule.state_dict.
     "Using ModelCheckpoint with manual optimization and every_n_train_steps",
     "You're resuming from a checkpoint that ended before the epoch ended",
+    # conf/hydra/launcher/ray.yaml sets the Ray plugin's own `ray` launcher config (same name):
+    # Hydra 1.3 merges the file onto the plugin's schema, as intended, and warns.
+    r"\s*'hydra/launcher/ray' is validated against ConfigStore schema with the same name",
 ):
     warnings.filterwarnings("ignore", message=message)
 
