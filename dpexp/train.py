@@ -27,7 +27,7 @@ from hydra.experimental.callback import Callback as HydraCallback
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from dpexp import sweep, tracking
+from dpexp import sweep, tracking, tuning
 from dpexp.averaging import ParameterEMA
 from dpexp.errors import UserError
 from dpexp.methods import build_methods
@@ -184,6 +184,12 @@ def run(cfg: DictConfig, output_dir: Path, own_attempt: bool = False) -> dict[st
     }
     for method in methods:
         result.update(method.result_fields())
+    if cfg.get("tuning"):  # one trial: its epsilon is not the privacy of the tuned result
+        result["tuning"] = (
+            f"one trial of a hyper-parameter search (tuning.accounting="
+            f"{cfg.tuning.accounting}); what the search cost: the sweep dir's "
+            f"{tuning.SUMMARY_FILE}"
+        )
     tracking.log_result(trainer.loggers, result, step=trainer.global_step)
     write_json_atomic(output_dir / RESULT_FILE, result)
     return result
