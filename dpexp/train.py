@@ -27,7 +27,7 @@ from hydra.experimental.callback import Callback as HydraCallback
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from dpexp import sweep, tracking
+from dpexp import sweep, tracking, tuning
 from dpexp.averaging import ParameterEMA
 from dpexp.errors import UserError
 from dpexp.methods import build_methods
@@ -51,6 +51,9 @@ for message in (
     # the Poisson sampler resumes mid-epoch through DataModule.state_dict.
     "Using ModelCheckpoint with manual optimization and every_n_train_steps",
     "You're resuming from a checkpoint that ended before the epoch ended",
+    # conf/hydra/launcher/ray.yaml sets the Ray plugin's own `ray` launcher config (same name):
+    # Hydra 1.3 merges the file onto the plugin's schema, as intended, and warns.
+    r"\s*'hydra/launcher/ray' is validated against ConfigStore schema with the same name",
 ):
     warnings.filterwarnings("ignore", message=message)
 
@@ -98,9 +101,16 @@ def private_stats_logged(cfg: DictConfig) -> bool:
     return not cfg.privacy.enabled or bool(OmegaConf.select(cfg, "logger.private_stats"))
 
 
-def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
-    """The checkpoint to continue from; refuses to start over another run's checkpoints."""
+def resume_checkpoint(cfg: DictConfig, output_dir: Path, own_attempt: bool = False) -> str | None:
+    """The checkpoint to continue from; refuses to start over another run's checkpoints.
+
+    ``own_attempt``: a multirun job continues its own interrupted attempt (dpexp.sweep), from
+    its ``last.ckpt`` as with ``resume=true``, whatever ``resume`` and ``ckpt_path`` say."""
     last = output_dir / "checkpoints" / "last.ckpt"
+    if own_attempt:
+        check_checkpoint(cfg, last, key="resume")
+        log.info("continuing the interrupted attempt from %s", last)
+        return str(last)
     if cfg.get("ckpt_path"):
         ckpt = Path(cfg.ckpt_path)
         if last.is_file() and ckpt.resolve() != last.resolve():
@@ -123,14 +133,14 @@ def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
     return None
 
 
-def check_run_dir(cfg: DictConfig, output_dir: Path) -> str | None:
+def check_run_dir(cfg: DictConfig, output_dir: Path, own_attempt: bool = False) -> str | None:
     """Refuse to write over a finished or unfinished run; return the checkpoint to resume."""
     if read_result(output_dir) is not None:
         raise UserError(
             f"{output_dir / RESULT_FILE} already exists: this run is complete; "
             "choose another hydra.run.dir to train again"
         )
-    return resume_checkpoint(cfg, output_dir)
+    return resume_checkpoint(cfg, output_dir, own_attempt)
 
 
 class Preflight(HydraCallback):
@@ -150,10 +160,11 @@ class Preflight(HydraCallback):
             sys.exit(2)
 
 
-def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
-    """Train and test one configuration; write and return its result."""
+def run(cfg: DictConfig, output_dir: Path, own_attempt: bool = False) -> dict[str, Any]:
+    """Train and test one configuration; write and return its result (``own_attempt``: see
+    :func:`resume_checkpoint`)."""
     datamodule = validate(cfg)
-    ckpt_path = check_run_dir(cfg, output_dir)
+    ckpt_path = check_run_dir(cfg, output_dir, own_attempt)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     start = time.perf_counter()
     datamodule, module, privacy, methods, trainer = build(cfg, output_dir)
@@ -192,6 +203,12 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     }
     for method in methods:
         result.update(method.result_fields())
+    if cfg.get("tuning"):  # one trial: its epsilon is not the privacy of the tuned result
+        result["tuning"] = (
+            f"one trial of a hyper-parameter search (tuning.accounting="
+            f"{cfg.tuning.accounting}); what the search cost: the sweep dir's "
+            f"{tuning.SUMMARY_FILE}"
+        )
     tracking.log_result(trainer.loggers, result, step=trainer.global_step)
     # the model test_acc scored, for a later run's model.weights=<this run dir>
     provenance = {k: result[k] for k in ("model", "dataset", "config_hash")}
@@ -225,7 +242,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
             sweep.check_strategy(cfg)
             overrides = list(HydraConfig.get().overrides.task)
             finished = sweep.prepare_job(cfg, output_dir, overrides)
-        result = finished or run(cfg, output_dir)
+        own_attempt = finished is None and sweep.in_multirun() and sweep.resumes(output_dir)
+        result = finished or run(cfg, output_dir, own_attempt)
     except UserError as exc:
         if _debug():
             raise
