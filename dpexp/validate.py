@@ -152,7 +152,8 @@ def validate_clipping(cfg: DictConfig, model: nn.Module, image_shape: tuple[int,
     try:
         check_supported(model, cfg.clipping.mode, example, int(_get(cfg, "dataset.num_classes")))
     except (UnsupportedModelError, ExactnessError) as exc:
-        _fail("clipping.mode", cfg.clipping.mode, f"{exc} (try clipping=functorch or auto)")
+        hint = "" if "clipping=" in str(exc) else " (try clipping=functorch or auto)"
+        _fail("clipping.mode", cfg.clipping.mode, f"{exc}{hint}")
 
 
 def validate_trainer(cfg: DictConfig) -> None:

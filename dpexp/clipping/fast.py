@@ -154,11 +154,8 @@ class FastEngine(ClippingEngine):
                 self.tape.demote(b)
 
     # -- the step ------------------------------------------------------------------------
-    def clipped_sum(self, inputs, targets, max_grad_norm, weights=None):
+    def _clipped_sum(self, inputs, targets, max_grad_norm, weights=None):
         params = dict(trainable_parameters(self.model))
-        if len(inputs) == 0:
-            empty = inputs.new_zeros(0)
-            return {n: torch.zeros_like(p) for n, p in params.items()}, empty, empty.sum()
         if tuple(id(p) for p in params.values()) != self._trainable:
             self.detach()  # a parameter was frozen or unfrozen since attach: plan again
             self.attach()
