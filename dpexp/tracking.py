@@ -45,9 +45,14 @@ def wandb_offline() -> bool:
     return not wandb_logged_in()
 
 
-def wandb_tags(overrides: Sequence[str]) -> list[str]:
-    """The job's command-line overrides as W&B tags (truncated to W&B's limit)."""
-    return [str(o)[:MAX_TAG] for o in overrides]
+PRIVATE_STATS_TAG = "logs-private-statistics"
+
+
+def wandb_tags(overrides: Sequence[str], private_stats: bool = False) -> list[str]:
+    """The job's command-line overrides as W&B tags (truncated to W&B's limit), and a mark
+    on runs whose logs hold statistics of private batches (``logger.private_stats``)."""
+    tags = [str(o)[:MAX_TAG] for o in overrides]
+    return [*tags, PRIVATE_STATS_TAG] if private_stats else tags
 
 
 def register_resolvers() -> None:
@@ -58,6 +63,16 @@ def register_resolvers() -> None:
 
 
 register_resolvers()
+
+
+def logger_configs(cfg: DictConfig) -> dict[str, DictConfig]:
+    """The configured loggers by name (``logger.<name>``; ``logger.private_stats`` is a
+    setting, not a logger)."""
+    return {
+        str(name): node
+        for name, node in (cfg.get("logger") or {}).items()
+        if isinstance(node, DictConfig) and "_target_" in node
+    }
 
 
 def log_config(loggers: Sequence[Logger], cfg: DictConfig) -> None:

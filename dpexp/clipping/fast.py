@@ -40,6 +40,7 @@ from dpexp.clipping.base import (
 )
 from dpexp.clipping.layers import Dims, instantiation_fits, mixed_rule
 from dpexp.clipping.tape import Call, Layer, Tape, UnsupportedModelError, generic_per_sample
+from dpexp.clipping.trace import trace_uses
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ class FastEngine(ClippingEngine):
             self._trainable = trainable
             self._decisions: dict[tuple, str] = {}
             self._probed: set[tuple] = set()
+            self._traced: set[tuple] = set()
+            self.moved: dict[str, str] = {}  # parameter → the module whose path covers it
         self.tape.attach()
         super().attach()
 
@@ -102,6 +105,23 @@ class FastEngine(ClippingEngine):
             if dims is not None and type(self).rule(dims):
                 return "ghost"
         return default_method(layer, g.shape[2:])
+
+    # -- the plan is checked against a traced forward once per input shape ---------------
+    def _adapt_plan(self, inputs: torch.Tensor) -> None:
+        key = tuple(inputs.shape[1:])
+        if key in self._traced:
+            return
+        self._traced.add(key)
+        moved = self.tape.adapt(trace_uses(self.model, inputs))
+        if moved:
+            self.moved.update(moved)
+            log.info(
+                "clipping=%s: %d parameters act outside their own layer's forward; their "
+                "per-sample gradients come from the enclosing module: %s",
+                self.mode,
+                len(moved),
+                ", ".join(f"{p} → {m or '<model>'}" for p, m in moved.items()),
+            )
 
     # -- broadcast parameters are checked once per input shape ---------------------------
     def _probe_broadcasts(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
@@ -139,6 +159,7 @@ class FastEngine(ClippingEngine):
         if tuple(id(p) for p in params.values()) != self._trainable:
             self.detach()  # a parameter was frozen or unfrozen since attach: plan again
             self.attach()
+        self._adapt_plan(inputs)
         self._probe_broadcasts(inputs, targets)
         tape = self.tape
         tape.start(len(inputs))

@@ -11,6 +11,7 @@ from torch.func import functional_call, grad, vmap
 
 from dpexp.clipping.base import MaterializingEngine, trainable_parameters
 from dpexp.clipping.tape import UnsupportedModelError, describe
+from dpexp.clipping.trace import outside_own_module, trace_uses
 
 # Module types whose forward ignores ``training``: Opacus' hooks record a module's input only
 # in training mode, so in eval mode these are marked as training for the forward alone.
@@ -71,7 +72,26 @@ class OpacusPerSampleEngine(MaterializingEngine):
                 hooks.cleanup()
                 raise UnsupportedModelError(f"{describe(name, module)}: {why}")
         self._hooks = hooks
+        self._checked: set[tuple] = getattr(self, "_checked", set())
         super().attach()
+
+    def _check_coverage(self, inputs) -> None:
+        """Opacus computes a parameter's per-sample gradient from its own module's input
+        and output only: refuse, by name, any parameter with uses it cannot see."""
+        key = tuple(inputs.shape[1:])
+        if key in self._checked or len(inputs) == 0:
+            return
+        self._hooks.disable_hooks()  # the traced forwards must leave no activations behind
+        try:
+            problems = outside_own_module(self.model, trace_uses(self.model, inputs))
+        finally:
+            self._hooks.enable_hooks()
+        if problems:
+            raise UnsupportedModelError(
+                f"Opacus' per-module hooks cannot clip this model: {problems[0]}"
+                + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+            )
+        self._checked.add(key)
 
     def detach(self) -> None:
         self._hooks.cleanup()
@@ -103,6 +123,7 @@ class OpacusPerSampleEngine(MaterializingEngine):
                 module.training = False
 
     def per_sample_gradients(self, inputs, targets):
+        self._check_coverage(inputs)
         params = trainable_parameters(self.model)
         saved = [p.grad for _, p in params]
         for _, p in params:
@@ -134,7 +155,8 @@ class FunctorchEngine(MaterializingEngine):
             loss = self.loss_fn(out, y.unsqueeze(0))
             return loss, loss
 
-        grads, losses = vmap(grad(sample_loss, has_aux=True), in_dims=(None, 0, 0))(
-            params, inputs, targets
-        )
+        # each sample draws its own dropout masks inside vmap, as in a batched forward
+        grads, losses = vmap(
+            grad(sample_loss, has_aux=True), in_dims=(None, 0, 0), randomness="different"
+        )(params, inputs, targets)
         return grads, losses.sum().detach()

@@ -35,7 +35,7 @@ def validate(cfg: DictConfig) -> DataModule:
     choice(cfg, "model.name", tuple(BUILDERS))
     dm = validate_dataset(cfg)
     validate_privacy(cfg, dm.num_private)
-    validate_clipping(cfg, validate_model(cfg))
+    validate_clipping(cfg, validate_model(cfg), tuple(dm.image_shape))
     validate_scheduler(cfg, validate_optimizer(cfg))
     validate_trainer(cfg)
     validate_callbacks(cfg)

@@ -1,5 +1,5 @@
 """``ckpt_path`` and ``resume``: the checkpoint must be a readable Lightning checkpoint of the
-configured model."""
+configured model, saved under the same privacy settings."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from dpexp.privacy.settings import check_resume, privacy_settings
 from dpexp.validate.fields import fail, get
 
 
@@ -26,11 +27,13 @@ def check_checkpoint(cfg: DictConfig, path: str | Path, key: str = "ckpt_path") 
 
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        fail(key, path, f"a readable checkpoint ({type(exc).__name__}: corrupt file?)")
+    except Exception:  # the error type depends on where the file was cut
+        fail(key, path, "a readable checkpoint (truncated or corrupt)")
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         fail(key, path, "a Lightning checkpoint (no state_dict in the file)")
     _check_checkpoint_model(cfg, path, ckpt["state_dict"], key)
+    saved = (ckpt.get("callbacks") or {}).get("PrivacyCallback")
+    check_resume(saved.get("settings") if saved else None, privacy_settings(cfg), f"{key}={path!r}")
 
 
 def _check_checkpoint_model(cfg: DictConfig, path: str, saved: dict, key: str) -> None:

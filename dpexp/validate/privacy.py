@@ -1,15 +1,16 @@
 """The privacy and clipping groups: ε, δ, σ, C, the accountant, and whether the clipping
-mode can handle the model."""
+mode clips the model exactly."""
 
 from __future__ import annotations
 
 import math
 
+import torch
 from omegaconf import DictConfig
 from torch import nn
 
 from dpexp.accounting import ACCOUNTANTS
-from dpexp.clipping import MODES, UnsupportedModelError, check_supported
+from dpexp.clipping import MODES, ExactnessError, UnsupportedModelError, check_supported
 from dpexp.validate.fields import choice, fail, get, number
 
 
@@ -50,13 +51,15 @@ def validate_privacy(cfg: DictConfig, num_private: int) -> None:
         )
 
 
-def validate_clipping(cfg: DictConfig, model: nn.Module) -> None:
-    """The chosen clipping mode must handle every trainable parameter of the model: fails
-    before training, naming the module and its type."""
+def validate_clipping(cfg: DictConfig, model: nn.Module, image_shape: tuple[int, ...]) -> None:
+    """The chosen clipping mode must clip every trainable parameter of the model exactly:
+    its engine runs on three random inputs and is compared with one backward per example
+    (fails before training, naming the module or parameter)."""
     if not get(cfg, "privacy.enabled"):
         return
+    example = torch.randn(3, *image_shape, generator=torch.Generator().manual_seed(0))
     try:
-        check_supported(model, cfg.clipping.mode)
-    except UnsupportedModelError as exc:
+        check_supported(model, cfg.clipping.mode, example, int(get(cfg, "dataset.num_classes")))
+    except (UnsupportedModelError, ExactnessError) as exc:
         hint = "" if "clipping=" in str(exc) else " (try clipping=functorch or auto)"
         fail("clipping.mode", cfg.clipping.mode, f"{exc}{hint}")

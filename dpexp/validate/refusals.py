@@ -36,8 +36,7 @@ def built(where: str, node: DictConfig, make: Callable[[], T]) -> T:
         target = OmegaConf.select(node, "_target_", default="the target")
         if isinstance(exc, InstantiationException) and "Error locating target" in str(exc):
             raise ConfigError(
-                f"{where}._target_={target!r} is invalid: cannot be imported "
-                f"({_lines(cause)[-1]})"
+                f"{where}._target_={target!r} is invalid: cannot be imported ({_lines(cause)[-1]})"
             ) from exc
         reason = _lines(cause)[0]
         leaves = _leaves(OmegaConf.to_container(node, resolve=True))

@@ -12,6 +12,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from dpexp.tracking import logger_configs
 from dpexp.validate.fields import fail, get
 from dpexp.validate.refusals import built
 
@@ -67,7 +68,7 @@ def validate_callbacks(cfg: DictConfig) -> None:
 def validate_loggers(cfg: DictConfig) -> None:
     """Every entry of ``logger``: its target must import and its settings bind to its
     signature; only loggers known to write nothing until used are built."""
-    for name, node in (cfg.get("logger") or {}).items():
+    for name, node in logger_configs(cfg).items():
         where = f"logger.{name}"
         if node._target_ in _LAZY_LOGGERS:
             built(where, node, lambda node=node: instantiate(node))
