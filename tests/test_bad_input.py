@@ -438,6 +438,32 @@ def test_cli_prints_one_line_and_exits_2(case, tmp_path):
     MESSAGES[case.id] = lines[0].replace(str(tmp_path), "<tmp>")
 
 
+# -- and no refusal of good input --------------------------------------------------------------
+def _shipped(group: str) -> list[str]:
+    return sorted(f"{group}={p.stem}" for p in (REPO / "conf" / group).glob("*.yaml"))
+
+
+SHIPPED = [
+    o for g in ("optimizer", "scheduler", "trainer", "logger", "callbacks") for o in _shipped(g)
+]
+GPU_TRAINERS = {"trainer=gpu", "trainer=ddp_spawn"}  # accelerator: gpu
+
+
+@pytest.mark.parametrize("option", SHIPPED)
+def test_every_shipped_option_passes_the_checks(option, tmp_path, monkeypatch):
+    """Building the objects must not refuse a config the repo ships (a GPU trainer is refused
+    only where no GPU is visible, naming trainer.accelerator); nothing is written either way."""
+    tiny = [o for o in TINY if not o.startswith("trainer.accelerator=")]  # the option's own
+    cfg = compose_config(tmp_path / "run", *TINY_DATA, *tiny, option)
+    if option in GPU_TRAINERS:
+        _no_gpu(tmp_path, monkeypatch)
+        with pytest.raises(UserError, match=r"^trainer\.accelerator='gpu' is invalid"):
+            validate(cfg)
+    else:
+        validate(cfg)
+    assert not any(tmp_path.iterdir()), "validation must not write anything"
+
+
 def test_debug_keeps_the_traceback(tmp_path):
     done = _cli([*TINY_DATA, "privacy.delta=1", f"hydra.run.dir={tmp_path / 'r'}"], tmp_path, True)
     assert done.returncode == 2
