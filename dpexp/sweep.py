@@ -3,7 +3,9 @@
 A sweep directory is ``multirun/<task_name>`` (plus a timestamp only with ``sweep_stamp=true``)
 and each job's directory is named from its overrides, so re-running the same command finds the
 same job directories. :func:`prepare_job` then returns the result of a finished job instead of
-training it again, and readies the directory of an unfinished one.
+training it again, and readies the directory of an unfinished one: an interrupted attempt of
+the same job (same identity) is continued from its ``checkpoints/last.ckpt``, anything else is
+cleared so the job starts from scratch.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from dpexp.errors import ConfigError, UserError
+from dpexp.preemption import HPC_CHECKPOINTS
 from dpexp.results import read_result, write_json_atomic
 
 # Written when a multirun job starts: what the job is, so a later re-run can tell whether a
@@ -27,6 +30,9 @@ from dpexp.results import read_result, write_json_atomic
 JOB_FILE = "job.json"
 # Left behind by a killed job; removed before it trains again from scratch.
 PARTIAL_ARTIFACTS = ("checkpoints", "csv", "tensorboard", "wandb")
+# What an interrupted attempt continues from (the run dir's own checkpoint, as resume=true).
+CHECKPOINT = Path("checkpoints") / "last.ckpt"
+
 # Keys that change how a job is run or logged but not what it computes.
 NOT_IDENTITY = (
     "logger",
@@ -142,9 +148,11 @@ def prepare_job(cfg: DictConfig, job_dir: Path, overrides: list[str]) -> dict[st
     """Called for each multirun job before training.
 
     Returns the job's result when ``result.json`` is complete (the job is skipped). Otherwise
-    the job runs: unless ``resume=true`` (which continues from ``checkpoints/last.ckpt``), the
-    leftovers of a killed attempt are removed so it starts from scratch. Raises
-    :class:`UserError` when the finished result was produced by a different configuration."""
+    the job runs: when ``job.json`` shows that an interrupted attempt of the same job (same
+    identity) left ``checkpoints/last.ckpt``, everything is kept and :func:`resumes` is true
+    (the job continues from it, through the same checks as ``resume=true``); otherwise the
+    leftovers are removed so it starts from scratch. Raises :class:`UserError` when the
+    finished result was produced by a different configuration."""
     job_dir = Path(job_dir)
     wanted = identity_hash(cfg)
     recorded = (read_job(job_dir) or {}).get("identity_hash")
@@ -156,10 +164,13 @@ def prepare_job(cfg: DictConfig, job_dir: Path, overrides: list[str]) -> dict[st
                 f"now {wanted}); start a fresh sweep with sweep_stamp=true or task_name=<new>"
             )
         return result
-    same_job = recorded in (None, wanted)
-    if not (cfg.get("resume") and same_job):
+    same_job = recorded == wanted or (recorded is None and bool(cfg.get("resume")))
+    own_attempt = same_job and (job_dir / CHECKPOINT).is_file()
+    if not own_attempt:
         for name in PARTIAL_ARTIFACTS:
             shutil.rmtree(job_dir / name, ignore_errors=True)
+        for path in job_dir.glob(HPC_CHECKPOINTS):  # Lightning would load one silently
+            path.unlink()
     write_json_atomic(
         job_dir / JOB_FILE,
         {
@@ -169,6 +180,11 @@ def prepare_job(cfg: DictConfig, job_dir: Path, overrides: list[str]) -> dict[st
         },
     )
     return None
+
+
+def resumes(job_dir: Path) -> bool:
+    """After :func:`prepare_job`: the job continues an interrupted attempt of its own."""
+    return (Path(job_dir) / CHECKPOINT).is_file()
 
 
 def _is_multi_device(devices: Any) -> bool:

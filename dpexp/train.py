@@ -25,14 +25,16 @@ from hydra.errors import (
 )
 from hydra.experimental.callback import Callback as HydraCallback
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from dpexp import sweep, tracking
+from dpexp import sweep, tracking, tuning
 from dpexp.averaging import ParameterEMA
 from dpexp.errors import UserError
 from dpexp.methods import build_methods
+from dpexp.models import RUN_WEIGHTS, init_fields, save_weights
 from dpexp.module import Classifier
 from dpexp.privacy import PrivacyCallback
+from dpexp.privacy.settings import privacy_settings
 from dpexp.results import RESULT_FILE, config_hash, git_sha, read_result, write_json_atomic
 from dpexp.validate import check_checkpoint, validate
 
@@ -49,6 +51,9 @@ for message in (
     # the Poisson sampler resumes mid-epoch through DataModule.state_dict.
     "Using ModelCheckpoint with manual optimization and every_n_train_steps",
     "You're resuming from a checkpoint that ended before the epoch ended",
+    # conf/hydra/launcher/ray.yaml sets the Ray plugin's own `ray` launcher config (same name):
+    # Hydra 1.3 merges the file onto the plugin's schema, as intended, and warns.
+    r"\s*'hydra/launcher/ray' is validated against ConfigStore schema with the same name",
 ):
     warnings.filterwarnings("ignore", message=message)
 
@@ -71,19 +76,41 @@ def build(cfg: DictConfig, output_dir: Path):
         clipping=cfg.clipping.mode,
         methods=methods,
         seed=cfg.seed,
+        verify=bool(cfg.clipping.get("verify", True)),
+        secure_noise=bool(cfg.privacy.get("secure_noise")),
+        settings=privacy_settings(cfg),
     )
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
-    module = Classifier(model, instantiate(cfg.optimizer), methods, scheduler)
+    module = Classifier(
+        model, instantiate(cfg.optimizer), methods, scheduler, private_stats_logged(cfg)
+    )
     extra = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
     callbacks = [*methods, privacy, *extra]  # callbacks.<name>=null turns one off
-    loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
+    loggers = [instantiate(c) for c in logger_nodes(cfg)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return datamodule, module, privacy, methods, trainer
 
 
-def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
-    """The checkpoint to continue from; refuses to start over another run's checkpoints."""
+def logger_nodes(cfg: DictConfig) -> list[DictConfig]:
+    """The configured loggers (``logger.<name>``; ``logger.private_stats`` is a setting)."""
+    return [c for c in (cfg.logger or {}).values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def private_stats_logged(cfg: DictConfig) -> bool:
+    """Do the logs hold statistics of private batches? Always for a non-private run."""
+    return not cfg.privacy.enabled or bool(OmegaConf.select(cfg, "logger.private_stats"))
+
+
+def resume_checkpoint(cfg: DictConfig, output_dir: Path, own_attempt: bool = False) -> str | None:
+    """The checkpoint to continue from; refuses to start over another run's checkpoints.
+
+    ``own_attempt``: a multirun job continues its own interrupted attempt (dpexp.sweep), from
+    its ``last.ckpt`` as with ``resume=true``, whatever ``resume`` and ``ckpt_path`` say."""
     last = output_dir / "checkpoints" / "last.ckpt"
+    if own_attempt:
+        check_checkpoint(cfg, last, key="resume")
+        log.info("continuing the interrupted attempt from %s", last)
+        return str(last)
     if cfg.get("ckpt_path"):
         ckpt = Path(cfg.ckpt_path)
         if last.is_file() and ckpt.resolve() != last.resolve():
@@ -106,14 +133,14 @@ def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
     return None
 
 
-def check_run_dir(cfg: DictConfig, output_dir: Path) -> str | None:
+def check_run_dir(cfg: DictConfig, output_dir: Path, own_attempt: bool = False) -> str | None:
     """Refuse to write over a finished or unfinished run; return the checkpoint to resume."""
     if read_result(output_dir) is not None:
         raise UserError(
             f"{output_dir / RESULT_FILE} already exists: this run is complete; "
             "choose another hydra.run.dir to train again"
         )
-    return resume_checkpoint(cfg, output_dir)
+    return resume_checkpoint(cfg, output_dir, own_attempt)
 
 
 class Preflight(HydraCallback):
@@ -133,10 +160,11 @@ class Preflight(HydraCallback):
             sys.exit(2)
 
 
-def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
-    """Train and test one configuration; write and return its result."""
+def run(cfg: DictConfig, output_dir: Path, own_attempt: bool = False) -> dict[str, Any]:
+    """Train and test one configuration; write and return its result (``own_attempt``: see
+    :func:`resume_checkpoint`)."""
     datamodule = validate(cfg)
-    ckpt_path = check_run_dir(cfg, output_dir)
+    ckpt_path = check_run_dir(cfg, output_dir, own_attempt)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     start = time.perf_counter()
     datamodule, module, privacy, methods, trainer = build(cfg, output_dir)
@@ -159,12 +187,14 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         "test_loss_last": float(test_last["test/loss"]),
         "averaging": averaging.label if averaging is not None else "none",
         **privacy.summary(),
+        "logs_contain_private_statistics": private_stats_logged(cfg),
         "epochs": trainer.current_epoch,
         "method": cfg.method.name,
         "dataset": cfg.dataset.name,
         "model": cfg.model.name,
         "n_params": n_params,
         "trainable_fraction": min(fractions) if fractions else n_trainable / n_params,
+        **init_fields(model),  # weights started from, head, trainable patterns
         "wall_s": round(time.perf_counter() - start, 2),
         "seed": cfg.seed,
         "git_sha": git_sha(),
@@ -173,7 +203,16 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     }
     for method in methods:
         result.update(method.result_fields())
+    if cfg.get("tuning"):  # one trial: its epsilon is not the privacy of the tuned result
+        result["tuning"] = (
+            f"one trial of a hyper-parameter search (tuning.accounting="
+            f"{cfg.tuning.accounting}); what the search cost: the sweep dir's "
+            f"{tuning.SUMMARY_FILE}"
+        )
     tracking.log_result(trainer.loggers, result, step=trainer.global_step)
+    # the model test_acc scored, for a later run's model.weights=<this run dir>
+    provenance = {k: result[k] for k in ("model", "dataset", "config_hash")}
+    save_weights(model, output_dir / RUN_WEIGHTS, provenance)
     write_json_atomic(output_dir / RESULT_FILE, result)
     return result
 
@@ -183,10 +222,12 @@ def summary_line(result: dict[str, Any]) -> str:
     privacy = f"epsilon={eps:.3f} delta={result['delta']:g}" if eps is not None else "non-private"
     averaging = result.get("averaging", "none")
     last = f" test_acc_last={result['test_acc_last']:.4f}" if averaging != "none" else ""
+    noise = f" noise: {result['noise']}" if result.get("noise") else ""
     return (
         f"test_acc={result['test_acc']:.4f}{last} averaging={averaging} {privacy} "
         f"steps={result['steps']} "
         f"method={result['method']} clipping={result['clipping']} wall={result['wall_s']:.0f}s"
+        f"{noise}"
     )
 
 
@@ -201,7 +242,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
             sweep.check_strategy(cfg)
             overrides = list(HydraConfig.get().overrides.task)
             finished = sweep.prepare_job(cfg, output_dir, overrides)
-        result = finished or run(cfg, output_dir)
+        own_attempt = finished is None and sweep.in_multirun() and sweep.resumes(output_dir)
+        result = finished or run(cfg, output_dir, own_attempt)
     except UserError as exc:
         if _debug():
             raise
