@@ -11,6 +11,7 @@ import torch
 
 import dpexp.privacy.step as step_module
 from dpexp.clipping import fast
+from dpexp.clipping.verify import MAX_EXAMPLES
 
 
 class _TorchWithoutNoise:
@@ -46,14 +47,18 @@ class _UnclippedFor(list):
 
 
 @contextmanager
-def unclipped_layer(*names: str) -> Iterator[None]:
+def unclipped_layer(*names: str, above: int = MAX_EXAMPLES) -> Iterator[None]:
     """(b) The one-pass fast engines (``bk``, ``auto``) sum the named parameters' per-sample
-    gradients without the clip factors; the norms, and every other parameter, stay right."""
+    gradients without the clip factors, in batches of more than ``above`` examples; the norms,
+    and every other parameter, stay right. A path taken only at full batch size, like the
+    engines' per-shape decisions: the exactness probes (3 examples at validation, at most
+    :data:`~dpexp.clipping.verify.MAX_EXAMPLES` before the first step) never take it."""
     original = fast._Step.__init__
 
-    def init(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        self.pending = _UnclippedFor(names)
+    def init(self, engine, weights, batch, *args, **kwargs):
+        original(self, engine, weights, batch, *args, **kwargs)
+        if batch > above:
+            self.pending = _UnclippedFor(names)
 
     with mock.patch.object(fast._Step, "__init__", init):
         yield

@@ -69,12 +69,18 @@ class InputCanaries(Canaries):
     ) -> None:
         super().__init__(canaries, seed)
         self.inputs = torch.randn((canaries, *image_shape), generator=self.generator)
+        self.features = self.inputs  # what the model sees: see use_model_inputs
         self.num_classes = num_classes
         self.labels = num_classes + torch.arange(canaries)
         self.weight_name = self.bias_name = ""
         self.model: nn.Module | None = None
         self.live: nn.Module | None = None
         self.clip_norm = math.nan
+
+    def use_model_inputs(self, features: torch.Tensor) -> None:
+        """The canaries' inputs as the model sees them (the data module's fixed front end,
+        e.g. precomputed scattering features): the auditor's gradients must be the run's."""
+        self.features = features
 
     def add_classes(self, model: nn.Module) -> None:
         """Give the model's output layer one class per canary (before training starts)."""
@@ -88,7 +94,7 @@ class InputCanaries(Canaries):
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            outputs = model(self.inputs[:1]).shape[-1]
+            outputs = model(self.features[:1]).shape[-1]
         model.train(was_training)
         if outputs != self.num_classes + self.m:
             raise ConfigError(
@@ -120,7 +126,7 @@ class InputCanaries(Canaries):
             )
         device = trainable[self.weight_name].device
         self.model.to(device)
-        self.inputs, self.labels = self.inputs.to(device), self.labels.to(device)
+        self.features, self.labels = self.features.to(device), self.labels.to(device)
         self.clip_norm = pl_module.gradient_step.max_grad_norm
 
     def transform_update(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -145,7 +151,7 @@ class InputCanaries(Canaries):
         rows_w, rows_b = update[self.weight_name], update[self.bias_name]
         chunk = max(1, PER_SAMPLE_BUDGET // sum(p.numel() for p in params.values()))
         values = []
-        for x, y in zip(self.inputs.split(chunk), self.labels.split(chunk), strict=True):
+        for x, y in zip(self.features.split(chunk), self.labels.split(chunk), strict=True):
             with torch.enable_grad():
                 g = per_sample(params, x, y)
             norms = torch.stack([g[n].flatten(1).square().sum(1) for n in g]).sum(0).sqrt()

@@ -78,6 +78,7 @@ def make_canaries(cfg: DictConfig, datamodule: DataModule, model: nn.Module) -> 
     canaries = InputCanaries(
         audit.canaries, datamodule.image_shape, datamodule.num_classes, audit.seed
     )
+    canaries.use_model_inputs(datamodule.model_inputs(canaries.inputs))
     canaries.add_classes(model)
     datamodule.add_private_examples(*canaries.members())
     return canaries

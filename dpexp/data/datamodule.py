@@ -110,6 +110,11 @@ class DataModule(L.LightningDataModule):
         self.input_transform = transform
         self.feature_cache = Path(cache_dir) if cache_dir is not None else None
 
+    def model_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """What the model sees for images ``x``: the fixed front end of :meth:`precompute`,
+        if any (an auditor computing its canaries' gradients needs exactly the training input)."""
+        return self._transformed(x)
+
     def _transformed(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_transform is None:
             return x
