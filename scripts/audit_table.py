@@ -2,6 +2,9 @@
 
 python scripts/audit_table.py [--rows NAME ...] [--doc docs/results/audit.md]   (make audit-table)
 
+The audit lines are kept in docs/results/audit/lines.json (a row run again replaces its line);
+``--rows`` with no names regenerates the page from them without training.
+
 Each row is one ``dpexp.audit.audit`` run, in this process, on MNIST's first 1024 training
 examples. The planted rows run inside a context manager of ``tests/planted.py`` (a deliberate
 bug, undone when the run ends); the honest rows are exactly ``python -m dpexp.audit <overrides>``.
@@ -46,6 +49,7 @@ SETTING = [
     "privacy.accountant=rdp",
     "audit.canaries=1000",
 ]
+KEPT = REPO / "docs/results/audit/lines.json"  # every row's audit line, committed
 OUTPUT_LAYER = ("classifier.3.weight", "classifier.3.bias")  # cnn_tanh's classifier
 UNCLIPPED = "`planted.unclipped_layer('classifier.3.weight', 'classifier.3.bias')` (batches > 8)"
 
@@ -117,6 +121,48 @@ def fmt_claim(value: float | None) -> str:
     return "none" if value is None else f"{value:.3f}"
 
 
+def caught(line: dict) -> bool:
+    claim = line["epsilon_claimed"]
+    return claim is not None and line["epsilon_lower_bound"] > claim
+
+
+def findings(rows: list[tuple[Row, dict]]) -> list[str]:
+    """What the rows show, read off the rows themselves."""
+    out = ["", "## Findings", ""]
+    honest = [line for row, line in rows if row.bug is None]
+    if honest:
+        low = min(line["epsilon_lower_bound"] for line in honest)
+        high = max(line["epsilon_lower_bound"] for line in honest)
+        below = all(not caught(line) for line in honest)
+        modes = ", ".join(line["clipping"] for line in honest)
+        out.append(
+            f"- Honest runs ({modes}): lower bounds "
+            + (f"{low:.3f}" if low == high else f"{low:.3f}–{high:.3f}")
+            + ", "
+            + ("all below their claims" if below else "**some above their claims**")
+            + ". Equal bounds across modes are expected: the same seed draws the same batches,"
+            " noise and canaries, and the engines' clipped sums agree to float rounding."
+        )
+    for row, line in rows:
+        if row.bug is None:
+            continue
+        verdict = "caught" if caught(line) else "**not caught**"
+        out.append(
+            f"- {row.what}"
+            + ("" if "canaries" in row.what else f" ({line['canary_type']} canaries)")
+            + f": lower bound "
+            f"{line['epsilon_lower_bound']:.3f} against a claim of "
+            f"{fmt_claim(line['epsilon_claimed'])}: {verdict}."
+        )
+    if any(r.name == "unclipped_layer_gradient_canaries" and not caught(x) for r, x in rows):
+        out.append(
+            "- Gradient canaries are clipped by `clip_materialized`, around the engine, so the"
+            " engine's bug leaves them untouched: the last row is the blind spot input canaries"
+            " close."
+        )
+    return out
+
+
 def page(rows: list[tuple[Row, dict]]) -> str:
     head = [
         "# Audit results: canaries through the sampler and the engine",
@@ -138,17 +184,14 @@ def page(rows: list[tuple[Row, dict]]) -> str:
     ]
     body = []
     for row, line in rows:
-        caught = (
-            line["epsilon_claimed"] is not None
-            and line["epsilon_lower_bound"] > line["epsilon_claimed"]
-        )
         body.append(
             f"| {row.what} | {line['canary_type']} | {line['clipping']} | {row.bug_text} | "
             f"{line['noise_multiplier']:.3f} | {fmt_claim(line['epsilon_claimed'])} | "
             f"**{line['epsilon_lower_bound']:.3f}** | {line['guesses']} / {line['correct']} | "
-            f"{line['score']} | {'**yes**' if caught else 'no'} | {line['wall_s']} |"
+            f"{line['score']} | {'**yes**' if caught(line) else 'no'} | {line['wall_s']} |"
         )
     commands = [
+        *findings(rows),
         "",
         "## Exact commands",
         "",
@@ -179,7 +222,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown rows {unknown}; choose from {[r.name for r in ROWS]}")
     os.environ.setdefault("DPEXP_DATA_ROOT", str(REPO / "data"))
-    kept = args.out / "lines.json"
+    kept = KEPT
     lines = json.loads(kept.read_text()) if kept.is_file() else {}
     for row in ROWS:
         if row.name in args.rows:

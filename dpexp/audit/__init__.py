@@ -13,13 +13,14 @@ python -m dpexp.audit method=rgp clipping=functorch audit.canaries=2000
      injected into the DP step and clipped by ``clip_materialized``, *around* the clipping
      engine; the auditor reads that coordinate of the released gradient. It certifies the
      noise, the sample rate, the methods' hooks and the accountant, not the engines.
-   - ``input`` (:mod:`~dpexp.audit.input_canaries`): out-of-distribution examples with random
-     labels, the input-space canaries of Steinke et al.'s black-box setting, appended to the
-     private training data: the run's Poisson sampler draws them and its clipping engine
-     clips them with the batch. The auditor stays white-box on the released updates: per
-     step it scores each canary by the alignment of the released noisy gradient with that
-     canary's clipped gradient at the current parameters, computed by ``torch.func`` apart
-     from dpexp's engines. It certifies the engine's clipping as well.
+   - ``input`` (:mod:`~dpexp.audit.input_canaries`): out-of-distribution examples, each
+     labelled with a class of its own added to the model's output layer (its canary row),
+     appended to the private training data: the run's Poisson sampler draws them and its
+     clipping engine clips them with the batch. The auditor stays white-box on the released
+     updates: per step it scores each canary by the alignment of its row of the released
+     noisy gradient with that canary's clipped gradient there, computed at the current
+     parameters by ``torch.func`` apart from dpexp's engines. It also certifies the engine's
+     clip factors and its clipping of the output layer.
 
 3. Each step gives one value x_t per canary (a steps × canaries series). Two scores:
    ``sum`` = Σ_t x_t (best when noise dominates) and ``detrended`` = Σ_t (x_t − the median of
