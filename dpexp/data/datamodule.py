@@ -4,6 +4,7 @@ missed."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -21,6 +22,8 @@ from dpexp.data.sources import (
     locate,
     synthetic,
 )
+
+log = logging.getLogger(__name__)
 
 
 class DataModule(L.LightningDataModule):
@@ -75,6 +78,7 @@ class DataModule(L.LightningDataModule):
         self.planned_epochs: int | None = None
         self.input_transform: nn.Module | None = None
         self.feature_cache: Path | None = None
+        self._features: FixedFeatures | None = None  # while setup() computes them
 
     def precompute(self, transform: nn.Module, cache_dir: str | Path | None = None) -> None:
         """Store ``transform(x)`` instead of every image ``x``, computed once at set-up and
@@ -87,10 +91,10 @@ class DataModule(L.LightningDataModule):
         self.input_transform = transform
         self.feature_cache = Path(cache_dir) if cache_dir is not None else None
 
-    def _transformed(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_transform is None:
+    def _transformed(self, x: torch.Tensor, split: str) -> torch.Tensor:
+        if self._features is None:
             return x
-        return FixedFeatures(self.input_transform, self.feature_cache)(self.name, x)
+        return self._features(self.name, x, split)
 
     # Sizes are known before loading, so configs can be validated without touching the data.
     @property
@@ -119,14 +123,23 @@ class DataModule(L.LightningDataModule):
             )
         else:
             root = self.locate()
+            if root != Path(self.root).expanduser():  # only the default root falls back
+                log.info("dataset %s: read from the mirror %s (the default root %s/ has no "
+                         "files)", self.name, root, self.root)  # fmt: skip
             x, y = load_torchvision(self.name, root, train=True)
             xt, yt = load_torchvision(self.name, root, train=False)
+        if self.input_transform is not None:
+            self._features = FixedFeatures(self.input_transform, self.feature_cache)
         n_public_start = len(y) - self.public_size
-        self.public = TensorData(self._transformed(x[n_public_start:]), y[n_public_start:])
+        public = self._transformed(x[n_public_start:], "public")
+        self.public = TensorData(public, y[n_public_start:])
         n = self.num_private
-        self.train = TensorData(self._transformed(x[:n]), y[:n])
+        self.train = TensorData(self._transformed(x[:n], "train"), y[:n])
         m = len(yt) if self.test_size is None else min(self.test_size, len(yt))
-        self.test = TensorData(self._transformed(xt[:m]), yt[:m])
+        self.test = TensorData(self._transformed(xt[:m], "test"), yt[:m])
+        if self._features is not None:
+            log.info("%s", self._features.summary(self.name))
+            self._features = None
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer  # None outside a Trainer; under DDP, this process's rank
