@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich import get_console
+from rich.file_proxy import FileProxy
 from rich.progress import Progress, ProgressColumn, TextColumn
 
 _enabled = True
@@ -108,6 +109,17 @@ class ConsoleHandler(logging.StreamHandler):
 
     def __init__(self, stream=None) -> None:  # ``stream``: given by logging configs, unused
         super().__init__(sys.stdout)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not isinstance(sys.stdout, FileProxy):
+            super().emit(record)
+            return
+        try:  # above the live bars, unwrapped: the terminal wraps, copy-paste keeps the line
+            get_console().print(
+                self.format(record), soft_wrap=True, markup=False, highlight=False, emoji=False
+            )
+        except Exception:
+            self.handleError(record)
 
     @property
     def stream(self):  # type: ignore[override]

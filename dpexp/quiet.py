@@ -36,9 +36,12 @@ WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
     ),
 )
 
-# Lightning's INFO lines through its rank-zero logger: adverts, and the normal end of fit
-# (the summary line reports the steps and epochs).
-LIGHTNING_LOGGER = "lightning.pytorch.utilities.rank_zero"
+# Lightning's INFO lines through its rank-zero logger (the pytorch or the fabric one, whichever
+# was imported last): adverts, and the normal end of fit (the summary line has the steps).
+LIGHTNING_LOGGERS = (
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+)
 LIGHTNING_INFO = (
     r"💡 Tip: ",
     r"`Trainer.fit` stopped: `max_(epochs|steps)=\d+` reached\.",
@@ -61,4 +64,5 @@ def install() -> None:
     """Add the filters (idempotent: warnings and logging skip duplicates)."""
     for message, category, module in WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
-    logging.getLogger(LIGHTNING_LOGGER).addFilter(_FILTER)
+    for name in LIGHTNING_LOGGERS:
+        logging.getLogger(name).addFilter(_FILTER)
