@@ -82,6 +82,15 @@ def _no_dataset(work: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return [f"dataset.root={work / 'empty'}"]
 
 
+def _empty_root_beside_mirror(work: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """dataset=mnist, dataset.root an empty folder, the mirror (MIRROR) holding MNIST/raw/"""
+    (work / "empty").mkdir()
+    (work / "mirror" / "MNIST" / "raw").mkdir(parents=True)
+    (work / "mirror" / "MNIST" / "raw" / "train-images-idx3-ubyte").write_bytes(b"")
+    monkeypatch.setattr(dpexp.data.sources, "MIRROR", work / "mirror")
+    return [f"dataset.root={work / 'empty'}"]
+
+
 class _DroppedScale(nn.Module):
     """A learned scale with dropout inside its own forward: only a replay could give its
     per-sample gradients, and a replay cannot draw the same dropout mask."""
@@ -290,7 +299,13 @@ CASES = [
     ),
     Case(
         "dataset_missing", "dataset absent from root and mirror, no network", (),
-        r"dataset 'mnist' not found: .*MNIST/raw.*DPEXP_DATA_ROOT or dataset\.root", _no_dataset,
+        r"dataset 'mnist' not found in .*empty: .*MNIST/raw.*DPEXP_DATA_ROOT or dataset\.root",
+        _no_dataset, data=("dataset=mnist", "dataset.train_size=256", "dataset.batch_size=32"),
+    ),
+    Case(
+        "dataset_root_empty", "dataset.root set to an empty folder (the mirror has the data)", (),
+        r"dataset 'mnist' not found in .*empty: .*mirror .* only for the default root 'data'$",
+        _empty_root_beside_mirror,
         data=("dataset=mnist", "dataset.train_size=256", "dataset.batch_size=32"),
     ),
     Case(

@@ -4,6 +4,7 @@ missed."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -21,6 +22,8 @@ from dpexp.data.sources import (
     locate,
     synthetic,
 )
+
+log = logging.getLogger(__name__)
 
 
 class DataModule(L.LightningDataModule):
@@ -77,6 +80,7 @@ class DataModule(L.LightningDataModule):
         self.input_transform: nn.Module | None = None
         self.feature_cache: Path | None = None
         self.extra_private: TensorData | None = None
+        self._features: FixedFeatures | None = None  # while setup() computes them
 
     def add_private_examples(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Append ``(x, y)`` (images of the dataset's shape, labels of the model's classes) to
@@ -113,12 +117,14 @@ class DataModule(L.LightningDataModule):
     def model_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """What the model sees for images ``x``: the fixed front end of :meth:`precompute`,
         if any (an auditor computing its canaries' gradients needs exactly the training input)."""
-        return self._transformed(x)
-
-    def _transformed(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_transform is None:
             return x
-        return FixedFeatures(self.input_transform, self.feature_cache)(self.name, x)
+        return FixedFeatures(self.input_transform)(self.name, x, "canaries")
+
+    def _transformed(self, x: torch.Tensor, split: str) -> torch.Tensor:
+        if self._features is None:
+            return x
+        return self._features(self.name, x, split)
 
     # Sizes are known before loading, so configs can be validated without touching the data.
     @property
@@ -148,20 +154,29 @@ class DataModule(L.LightningDataModule):
             )
         else:
             root = self.locate()
+            if root != Path(self.root).expanduser():  # only the default root falls back
+                log.info("dataset %s: read from the mirror %s (the default root %s/ has no "
+                         "files)", self.name, root, self.root)  # fmt: skip
             x, y = load_torchvision(self.name, root, train=True)
             xt, yt = load_torchvision(self.name, root, train=False)
+        if self.input_transform is not None:
+            self._features = FixedFeatures(self.input_transform, self.feature_cache)
         n_public_start = len(y) - self.public_size
-        self.public = TensorData(self._transformed(x[n_public_start:]), y[n_public_start:])
+        public = self._transformed(x[n_public_start:], "public")
+        self.public = TensorData(public, y[n_public_start:])
         n = self.num_private
-        self.train = TensorData(self._transformed(x[:n]), y[:n])
+        self.train = TensorData(self._transformed(x[:n], "train"), y[:n])
         if self.extra_private is not None:
             extra = self.extra_private
             self.train = TensorData(
-                torch.cat([self.train.x, self._transformed(extra.x)]),
+                torch.cat([self.train.x, self._transformed(extra.x, "canaries")]),
                 torch.cat([self.train.y, extra.y]),
             )
         m = len(yt) if self.test_size is None else min(self.test_size, len(yt))
-        self.test = TensorData(self._transformed(xt[:m]), yt[:m])
+        self.test = TensorData(self._transformed(xt[:m], "test"), yt[:m])
+        if self._features is not None:
+            log.info("%s", self._features.summary(self.name))
+            self._features = None
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer  # None outside a Trainer; under DDP, this process's rank
