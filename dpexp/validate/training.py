@@ -71,7 +71,10 @@ def validate_loggers(cfg: DictConfig) -> None:
     for name, node in logger_configs(cfg).items():
         where = f"logger.{name}"
         if node._target_ in _LAZY_LOGGERS:
-            built(where, node, lambda node=node: instantiate(node))
+            # Validation runs before Hydra sets the run dir, so ${paths.output_dir} is still
+            # None: a stand-in path (never written: these constructors write nothing).
+            stand_in = {"save_dir": "."} if node.get("save_dir", "") is None else {}
+            built(where, node, lambda node=node, kw=stand_in: instantiate(node, **kw))
             continue
         unbuilt = built(where, node, lambda node=node: instantiate(node, _partial_=True))
         built(
