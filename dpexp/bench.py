@@ -72,7 +72,7 @@ class OpacusGhostEngine(ClippingEngine):
         self._hooks.cleanup()
         super().detach()
 
-    def clipped_sum(self, inputs, targets, max_grad_norm, weights=None):
+    def _clipped_sum(self, inputs, targets, max_grad_norm, weights=None):
         params = trainable_parameters(self.model)
         self._hooks.max_grad_norm = max_grad_norm
         self._hooks.enable_hooks()
@@ -106,7 +106,7 @@ class OpacusFunctorchEngine(ClippingEngine):
         self._hooks.cleanup()
         super().detach()
 
-    def clipped_sum(self, inputs, targets, max_grad_norm, weights=None):
+    def _clipped_sum(self, inputs, targets, max_grad_norm, weights=None):
         from dpexp.clipping import clip_materialized
 
         params = trainable_parameters(self.model)

@@ -12,7 +12,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
 from dpexp.methods.base import Method
-from dpexp.privacy.step import GradientStep
+from dpexp.privacy.step import PRIVATE_STATS, GradientStep
 
 
 class Classifier(L.LightningModule):
@@ -22,12 +22,15 @@ class Classifier(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         methods: Sequence[Method] = (),
         scheduler: Callable[..., LRScheduler] | None = None,
+        log_private_stats: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.methods = list(methods)
+        # Statistics of private batches reach loggers and the progress bar only on request.
+        self.log_private_stats = log_private_stats
         self.automatic_optimization = False  # the gradient step drives the optimizer
         self.gradient_step: GradientStep = GradientStep(model)
 
@@ -41,12 +44,16 @@ class Classifier(L.LightningModule):
             return
         if (scheduler := self.lr_schedulers()) is not None:
             scheduler.step()  # manual optimisation: once per optimizer step
-        if "loss" in stats:
-            self.log("train/loss", stats["loss"], prog_bar=True, on_step=True, on_epoch=True)
-        for key in ("clip_fraction", "grad_norm"):
+        if "update_norm" in stats:
+            self.log("train/update_norm", stats["update_norm"], on_step=True, on_epoch=True)
+        self.log("train/lr", float(optimizer.param_groups[0]["lr"]), on_step=True, on_epoch=False)
+        if not self.log_private_stats:
+            return
+        for key in PRIVATE_STATS:
             if key in stats:
-                self.log(f"train/{key}", stats[key], on_step=True, on_epoch=True)
-        self.log("train/batch_size", float(stats["batch_size"]), on_step=True, on_epoch=False)
+                epoch = key != "batch_size"
+                self.log(f"train/{key}", float(stats[key]), on_step=True, on_epoch=epoch,
+                         prog_bar=key == "loss")  # fmt: skip
 
     def _evaluate(self, batch, prefix: str) -> None:
         x, y = batch

@@ -45,9 +45,14 @@ def wandb_offline() -> bool:
     return not wandb_logged_in()
 
 
-def wandb_tags(overrides: Sequence[str]) -> list[str]:
-    """The job's command-line overrides as W&B tags (truncated to W&B's limit)."""
-    return [str(o)[:MAX_TAG] for o in overrides]
+PRIVATE_STATS_TAG = "logs-private-statistics"
+
+
+def wandb_tags(overrides: Sequence[str], private_stats: bool = False) -> list[str]:
+    """The job's command-line overrides as W&B tags (truncated to W&B's limit), and a mark
+    on runs whose logs hold statistics of private batches (``logger.private_stats``)."""
+    tags = [str(o)[:MAX_TAG] for o in overrides]
+    return [*tags, PRIVATE_STATS_TAG] if private_stats else tags
 
 
 def register_resolvers() -> None:

@@ -25,14 +25,16 @@ from hydra.errors import (
 )
 from hydra.experimental.callback import Callback as HydraCallback
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dpexp import sweep, tracking, tuning
 from dpexp.averaging import ParameterEMA
 from dpexp.errors import UserError
 from dpexp.methods import build_methods
+from dpexp.models import RUN_WEIGHTS, init_fields, save_weights
 from dpexp.module import Classifier
 from dpexp.privacy import PrivacyCallback
+from dpexp.privacy.settings import privacy_settings
 from dpexp.results import RESULT_FILE, config_hash, git_sha, read_result, write_json_atomic
 from dpexp.validate import check_checkpoint, validate
 
@@ -74,14 +76,29 @@ def build(cfg: DictConfig, output_dir: Path):
         clipping=cfg.clipping.mode,
         methods=methods,
         seed=cfg.seed,
+        verify=bool(cfg.clipping.get("verify", True)),
+        secure_noise=bool(cfg.privacy.get("secure_noise")),
+        settings=privacy_settings(cfg),
     )
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
-    module = Classifier(model, instantiate(cfg.optimizer), methods, scheduler)
+    module = Classifier(
+        model, instantiate(cfg.optimizer), methods, scheduler, private_stats_logged(cfg)
+    )
     extra = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
     callbacks = [*methods, privacy, *extra]  # callbacks.<name>=null turns one off
-    loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
+    loggers = [instantiate(c) for c in logger_nodes(cfg)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return datamodule, module, privacy, methods, trainer
+
+
+def logger_nodes(cfg: DictConfig) -> list[DictConfig]:
+    """The configured loggers (``logger.<name>``; ``logger.private_stats`` is a setting)."""
+    return [c for c in (cfg.logger or {}).values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def private_stats_logged(cfg: DictConfig) -> bool:
+    """Do the logs hold statistics of private batches? Always for a non-private run."""
+    return not cfg.privacy.enabled or bool(OmegaConf.select(cfg, "logger.private_stats"))
 
 
 def resume_checkpoint(cfg: DictConfig, output_dir: Path, own_attempt: bool = False) -> str | None:
@@ -170,12 +187,14 @@ def run(cfg: DictConfig, output_dir: Path, own_attempt: bool = False) -> dict[st
         "test_loss_last": float(test_last["test/loss"]),
         "averaging": averaging.label if averaging is not None else "none",
         **privacy.summary(),
+        "logs_contain_private_statistics": private_stats_logged(cfg),
         "epochs": trainer.current_epoch,
         "method": cfg.method.name,
         "dataset": cfg.dataset.name,
         "model": cfg.model.name,
         "n_params": n_params,
         "trainable_fraction": min(fractions) if fractions else n_trainable / n_params,
+        **init_fields(model),  # weights started from, head, trainable patterns
         "wall_s": round(time.perf_counter() - start, 2),
         "seed": cfg.seed,
         "git_sha": git_sha(),
@@ -191,6 +210,9 @@ def run(cfg: DictConfig, output_dir: Path, own_attempt: bool = False) -> dict[st
             f"{tuning.SUMMARY_FILE}"
         )
     tracking.log_result(trainer.loggers, result, step=trainer.global_step)
+    # the model test_acc scored, for a later run's model.weights=<this run dir>
+    provenance = {k: result[k] for k in ("model", "dataset", "config_hash")}
+    save_weights(model, output_dir / RUN_WEIGHTS, provenance)
     write_json_atomic(output_dir / RESULT_FILE, result)
     return result
 
@@ -200,10 +222,12 @@ def summary_line(result: dict[str, Any]) -> str:
     privacy = f"epsilon={eps:.3f} delta={result['delta']:g}" if eps is not None else "non-private"
     averaging = result.get("averaging", "none")
     last = f" test_acc_last={result['test_acc_last']:.4f}" if averaging != "none" else ""
+    noise = f" noise: {result['noise']}" if result.get("noise") else ""
     return (
         f"test_acc={result['test_acc']:.4f}{last} averaging={averaging} {privacy} "
         f"steps={result['steps']} "
         f"method={result['method']} clipping={result['clipping']} wall={result['wall_s']:.0f}s"
+        f"{noise}"
     )
 
 

@@ -15,11 +15,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from dpexp.accounting import ACCOUNTANTS
-from dpexp.clipping import MODES, UnsupportedModelError, check_supported
+from dpexp.clipping import MODES, ExactnessError, UnsupportedModelError, check_supported
 from dpexp.data import DATASETS, TORCHVISION, DataModule
 from dpexp.errors import ConfigError, UserError
 from dpexp.methods import build_methods
 from dpexp.models import BUILDERS
+from dpexp.privacy.settings import check_resume, privacy_settings
 
 
 def _get(cfg: DictConfig, key: str) -> Any:
@@ -139,15 +140,20 @@ def validate_model(cfg: DictConfig) -> nn.Module:
         _fail("model", cfg.model.name, f"cannot be built as configured: {reason}")
 
 
-def validate_clipping(cfg: DictConfig, model: nn.Module) -> None:
-    """The chosen clipping mode must handle every trainable parameter of the model: fails
-    before training, naming the module and its type."""
+def validate_clipping(cfg: DictConfig, model: nn.Module, image_shape: tuple[int, ...]) -> None:
+    """The chosen clipping mode must clip every trainable parameter of the model exactly:
+    its engine runs on three random inputs and is compared with one backward per example
+    (fails before training, naming the module or parameter)."""
     if not _get(cfg, "privacy.enabled"):
         return
+    import torch
+
+    example = torch.randn(3, *image_shape, generator=torch.Generator().manual_seed(0))
     try:
-        check_supported(model, cfg.clipping.mode)
-    except UnsupportedModelError as exc:
-        _fail("clipping.mode", cfg.clipping.mode, f"{exc} (try clipping=functorch or auto)")
+        check_supported(model, cfg.clipping.mode, example, int(_get(cfg, "dataset.num_classes")))
+    except (UnsupportedModelError, ExactnessError) as exc:
+        hint = "" if "clipping=" in str(exc) else " (try clipping=functorch or auto)"
+        _fail("clipping.mode", cfg.clipping.mode, f"{exc}{hint}")
 
 
 def validate_trainer(cfg: DictConfig) -> None:
@@ -184,11 +190,13 @@ def check_checkpoint(cfg: DictConfig, path: str | Path, key: str = "ckpt_path") 
 
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        _fail(key, path, f"a readable checkpoint ({type(exc).__name__}: corrupt file?)")
+    except Exception:  # the error type depends on where the file was cut
+        _fail(key, path, "a readable checkpoint (truncated or corrupt)")
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         _fail(key, path, "a Lightning checkpoint (no state_dict in the file)")
     _check_checkpoint_model(cfg, path, ckpt["state_dict"], key)
+    saved = (ckpt.get("callbacks") or {}).get("PrivacyCallback")
+    check_resume(saved.get("settings") if saved else None, privacy_settings(cfg), f"{key}={path!r}")
 
 
 def _check_checkpoint_model(cfg: DictConfig, path: str, saved: dict, key: str) -> None:
@@ -219,7 +227,7 @@ def validate(cfg: DictConfig) -> DataModule:
     _choice(cfg, "model.name", tuple(BUILDERS))
     dm = validate_dataset(cfg)
     validate_privacy(cfg, dm.num_private)
-    validate_clipping(cfg, validate_model(cfg))
+    validate_clipping(cfg, validate_model(cfg), tuple(dm.image_shape))
     validate_trainer(cfg)
     validate_averaging(cfg)
     validate_checkpoint(cfg)

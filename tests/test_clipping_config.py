@@ -10,6 +10,7 @@ from dpexp.errors import ConfigError
 from dpexp.models import BUILDERS
 from dpexp.train import run
 from dpexp.validate import validate
+from tests.test_bad_input import _dropout_in_generic_layer
 
 
 def test_every_mode_trains_to_the_same_model(tiny_cfg, tmp_path):
@@ -23,17 +24,12 @@ def test_every_mode_trains_to_the_same_model(tiny_cfg, tmp_path):
         assert result["test_loss"] == pytest.approx(reference["test_loss"], rel=1e-4), mode
 
 
-def tied_model(image_shape, num_classes, **_):
-    model = nn.Sequential(nn.Flatten(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 256))
-    model[3].weight = model[1].weight
-    return model
-
-
 def test_unsupported_model_fails_validation_with_module_name(tiny_cfg, monkeypatch):
-    monkeypatch.setitem(BUILDERS, "cnn_tanh", tied_model)
-    with pytest.raises(ConfigError, match=r"clipping.mode='bk'.*'3' \(Linear\).*shared"):
+    monkeypatch.setitem(BUILDERS, "cnn_tanh", _dropout_in_generic_layer)
+    with pytest.raises(ConfigError, match=r"clipping.mode='bk'.*'1' \(_DroppedScale\).*random"):
         validate(tiny_cfg("clipping=bk"))
     validate(tiny_cfg("clipping=bk", "privacy=none"))  # nothing is clipped without DP
+    validate(tiny_cfg("clipping=functorch"))  # each sample draws its own mask inside vmap
 
 
 def test_check_supported_reports_opacus_refusals():

@@ -211,13 +211,6 @@ def test_layernorm_subclass_with_other_semantics_is_not_taken_for_layernorm():
         assert [layer.name for layer in engine.tape.layers if layer.math is None] == ["1"]
 
 
-def test_tied_parameters_are_refused_with_module_names():
-    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
-    model[2].weight = model[0].weight
-    with pytest.raises(UnsupportedModelError, match=r"'2' \(Linear\).*shared with module '0'"):
-        make_engine("bk", model).attach()
-
-
 def test_unsupported_embedding_options_are_refused():
     model = nn.Sequential(nn.Embedding(5, 3, scale_grad_by_freq=True))
     with pytest.raises(UnsupportedModelError, match=r"'0' \(Embedding\).*scale_grad_by_freq"):

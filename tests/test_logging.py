@@ -98,3 +98,51 @@ def test_tensorboard_and_csv_log_privacy_facts(tiny_cfg, tmp_path):
     hparams = yaml.safe_load((tmp_path / "run" / "csv" / "hparams.yaml").read_text())
     assert hparams["privacy"]["delta"] == pytest.approx(1e-3)
     assert os.path.isfile(tmp_path / "run" / "result.json")
+
+
+PRIVATE_COLUMNS = {"train/loss_step", "train/clip_fraction_step", "train/grad_norm_step",
+                   "train/batch_size"}  # fmt: skip
+
+
+def test_logs_hold_only_dp_outputs_and_public_evaluations_by_default(tiny_cfg, tmp_path):
+    """The exact Poisson batch size, clip fraction, median per-sample norm and train loss
+    are statistics of private batches that the accountant does not count."""
+    result = run(tiny_cfg("logger=[csv,tensorboard]"), tmp_path / "run")
+    columns = set(pd.read_csv(tmp_path / "run" / "csv" / "metrics.csv").columns)
+    assert not {c for c in columns if c.startswith("train/")} - {
+        "train/update_norm_step",
+        "train/update_norm_epoch",
+        "train/lr",
+    }
+    assert {"train/update_norm_step", "train/lr", "epsilon", "test/acc"} <= columns
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert not PRIVATE_COLUMNS & set(events.Tags()["scalars"])
+    assert result["logs_contain_private_statistics"] is False
+
+
+def test_private_stats_are_logged_on_request_and_the_run_is_marked(tiny_cfg, tmp_path):
+    result = run(tiny_cfg("logger=csv", "logger.private_stats=true"), tmp_path / "run")
+    columns = set(pd.read_csv(tmp_path / "run" / "csv" / "metrics.csv").columns)
+    assert columns >= PRIVATE_COLUMNS
+    assert result["logs_contain_private_statistics"] is True
+
+
+def test_a_non_private_run_says_its_logs_hold_private_statistics(tiny_cfg, tmp_path):
+    result = run(tiny_cfg("privacy=none"), tmp_path / "run")
+    assert result["logs_contain_private_statistics"] is True
+
+
+def test_wandb_tags_mark_runs_with_private_statistics(tiny_cfg):
+    from omegaconf import OmegaConf
+
+    marked = tiny_cfg("logger=wandb", "logger.private_stats=true")
+    plain = tiny_cfg("logger=wandb")
+    tags = OmegaConf.to_container(marked.logger.wandb, resolve=True)["tags"]
+    assert tracking.PRIVATE_STATS_TAG in tags
+    assert (
+        tracking.PRIVATE_STATS_TAG
+        not in OmegaConf.to_container(plain.logger.wandb, resolve=True)["tags"]
+    )

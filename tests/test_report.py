@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -131,7 +132,10 @@ def test_paper_table_sets_ours_beside_published(tmp_path):
                 "test_acc": acc, "epsilon": 2.99, "epochs": 3, "dataset": dataset,
                 "method": method, "seed": seed, "trainable_fraction": 1.0,
             })  # fmt: skip
-    done, missing = tables.collect(table, tmp_path, ["trainer.max_epochs=3"])
+    assert tables.keep_results("sa_dpsgd", table, tmp_path, ["trainer.max_epochs=3"]) == 6
+    shutil.rmtree(tmp_path / "multirun" / sweep_dir.name / next(iter(sorted(
+        p.name for p in sweep_dir.iterdir()))))  # fmt: skip
+    done, missing = tables.collect("sa_dpsgd", table, tmp_path, ["trainer.max_epochs=3"])
     merged = tables.merge(table, done).set_index(["dataset", "method"])
     assert merged.loc[("mnist", "dpsgd"), "ours"] == pytest.approx(97.5)
     assert merged.loc[("mnist", "dpsgd"), "published"] == 98.12
@@ -140,10 +144,17 @@ def test_paper_table_sets_ours_beside_published(tmp_path):
     assert ("fashion_mnist", "screen") not in merged.index  # not run: not invented
     text = tables.document("sa_dpsgd", table, merged.reset_index(), missing,
                            ["trainer.max_epochs=3"])  # fmt: skip
-    assert "| mnist | dpsgd | 2 | 2.990 | 3 | 97.50 ± 0.71 | 98.12 | -0.62 |" in text
+    assert (
+        "| mnist | dpsgd | 2 | 2.990 | 3 | 97.50 ± 0.71 (3 of 40 epochs) | 98.12 | -0.62 |" in text
+    )
     assert "- Epochs: 3 (paper: 40)" in text and "Hardware: " in text
     assert "Deviations from the paper:" in text and "trainer.max_epochs=3" in text
     assert (sweep_dir / "report" / "results.csv").is_file()
+    kept = tmp_path / "docs" / "results" / "sa_dpsgd"
+    assert (kept / "results.csv").is_file()  # all six jobs, also the one no longer in multirun
+    shutil.rmtree(tmp_path / "multirun")  # a fresh clone: only the committed results
+    again, _ = tables.collect("sa_dpsgd", table, tmp_path, ["trainer.max_epochs=3"])
+    assert len(again) == 6 and sorted(again["test_acc"]) == sorted(done["test_acc"])
 
 
 def test_tables_without_published_numbers_say_so():

@@ -20,6 +20,7 @@ import torch
 from dpexp.errors import UserError
 from dpexp.methods.base import Method
 from dpexp.models import build_model
+from dpexp.privacy.settings import privacy_settings
 from dpexp.train import run
 from tests.conftest import TINY, TINY_DATA
 
@@ -197,7 +198,14 @@ def test_fresh_run_refuses_a_dir_holding_an_unfinished_run(tiny_cfg, tmp_path):
     model = build_model("cnn_tanh", (1, 16, 16), 10)
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     ckpt.parent.mkdir(parents=True)
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, ckpt)
+    settings = privacy_settings(tiny_cfg())
+    torch.save(
+        {
+            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+            "callbacks": {"PrivacyCallback": {"settings": settings}},
+        },
+        ckpt,
+    )
     before = ckpt.read_bytes()
     with pytest.raises(UserError, match=r"resume=false is invalid here: .*last\.ckpt exists"):
         run(tiny_cfg(), tmp_path / "run")

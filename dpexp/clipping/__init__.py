@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
@@ -17,6 +19,7 @@ from dpexp.clipping.base import (
 from dpexp.clipping.fast import AutoEngine, BookKeepingEngine, GhostEngine, MixedGhostEngine
 from dpexp.clipping.per_sample import FunctorchEngine, OpacusPerSampleEngine
 from dpexp.clipping.tape import UnsupportedModelError
+from dpexp.clipping.verify import ExactnessError, ProbeReport, probe
 
 ENGINES: dict[str, type[ClippingEngine]] = {
     engine.mode: engine
@@ -40,17 +43,40 @@ def make_engine(
     return ENGINES[mode](model, loss_fn)
 
 
-def check_supported(model: nn.Module, mode: str) -> None:
-    """Raise :class:`UnsupportedModelError` (naming the module and its type) if ``mode``
-    cannot clip ``model``'s per-sample gradients; attaches and detaches, nothing else."""
+def check_supported(
+    model: nn.Module, mode: str, example: torch.Tensor | None = None, num_classes: int = 2
+) -> None:
+    """Raise :class:`UnsupportedModelError` (one line, naming the module or parameter) if
+    ``mode`` cannot clip ``model``'s per-sample gradients exactly.
+
+    With an ``example`` batch (random inputs of the model's input shape will do), the engine
+    also runs on it and is compared with one backward per example (:func:`probe`): the
+    traced plan, every layer's path and the clipped sum are exercised before training."""
     engine = make_engine(mode, model)
     try:
         engine.attach()
-    except UnsupportedModelError:
+        if example is not None:
+            targets = torch.arange(len(example), device=example.device) % num_classes
+            with torch.random.fork_rng(devices=[]):  # with dropout on, as in training
+                engine.clipped_sum(example, targets, 1.0)
+            probe(engine, example, targets, max_grad_norm=None)
+    except (UnsupportedModelError, ExactnessError):
         raise
-    except (NotImplementedError, ValueError) as exc:  # Opacus' refusals
-        raise UnsupportedModelError(f"{type(exc).__name__}: {exc}") from exc
-    engine.detach()
+    except (NotImplementedError, ValueError, RuntimeError) as exc:  # Opacus', torch's refusals
+        raise UnsupportedModelError(_one_line(exc)) from exc
+    finally:
+        if engine.attached:
+            engine.detach()
+
+
+def _one_line(exc: Exception) -> str:
+    """A library's refusal in one line; Opacus prints whole modules, name them instead."""
+    text = str(exc)
+    named = re.search(r"\(([\w.]*):(\w+)\(", text)
+    head = text[: named.start()] if named else text.strip().splitlines()[0]
+    head = head.strip(" [\"'").removeprefix("NotImplementedError(").strip(" \"'")
+    where = f" (model module {named.group(1) or '<root>'!r}, {named.group(2)})" if named else ""
+    return f"{type(exc).__name__}: {head[:200]}{where}"
 
 
 def clip_and_sum(
@@ -78,12 +104,15 @@ __all__ = [
     "ENGINES",
     "MODES",
     "ClippingEngine",
+    "ExactnessError",
+    "ProbeReport",
     "UnsupportedModelError",
     "check_supported",
     "clip_and_sum",
     "clip_factors",
     "clip_materialized",
     "make_engine",
+    "probe",
     "summed_cross_entropy",
     "trainable_parameters",
 ]

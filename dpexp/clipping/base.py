@@ -77,7 +77,6 @@ class ClippingEngine(ABC):
         finally:
             self.detach()
 
-    @abstractmethod
     def clipped_sum(
         self,
         inputs: torch.Tensor,
@@ -87,8 +86,25 @@ class ClippingEngine(ABC):
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """Return (clipped gradient sums by parameter name, per-sample norms, summed loss).
 
-        Leaves ``.grad`` of every parameter untouched.
+        Leaves ``.grad`` of every parameter untouched. An empty batch (a Poisson sample may
+        be one) is a valid step in every mode: zero sums, no norms, zero loss; the caller
+        still adds the noise and counts the step.
         """
+        if len(inputs) == 0:
+            sums = {n: torch.zeros_like(p) for n, p in trainable_parameters(self.model)}
+            like = next(iter(sums.values()), torch.zeros((), device=inputs.device))
+            return sums, like.new_zeros(0), like.new_zeros(())
+        return self._clipped_sum(inputs, targets, max_grad_norm, weights)
+
+    @abstractmethod
+    def _clipped_sum(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        max_grad_norm: float,
+        weights: Weights = None,
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """:meth:`clipped_sum` of a non-empty batch."""
 
 
 class MaterializingEngine(ClippingEngine):
@@ -100,7 +116,7 @@ class MaterializingEngine(ClippingEngine):
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Per-sample gradients (B × param shape) by name, and the summed loss."""
 
-    def clipped_sum(self, inputs, targets, max_grad_norm, weights=None):
+    def _clipped_sum(self, inputs, targets, max_grad_norm, weights=None):
         per_sample, loss = self.per_sample_gradients(inputs, targets)
         sums, norms = clip_materialized(per_sample, max_grad_norm, weights)
         return sums, norms, loss

@@ -40,6 +40,7 @@ from dpexp.clipping.base import (
 )
 from dpexp.clipping.layers import Dims, instantiation_fits, mixed_rule
 from dpexp.clipping.tape import Call, Layer, Tape, UnsupportedModelError, generic_per_sample
+from dpexp.clipping.trace import trace_uses
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ class FastEngine(ClippingEngine):
             self._trainable = trainable
             self._decisions: dict[tuple, str] = {}
             self._probed: set[tuple] = set()
+            self._traced: set[tuple] = set()
+            self.moved: dict[str, str] = {}  # parameter → the module whose path covers it
         self.tape.attach()
         super().attach()
 
@@ -103,6 +106,23 @@ class FastEngine(ClippingEngine):
                 return "ghost"
         return default_method(layer, g.shape[2:])
 
+    # -- the plan is checked against a traced forward once per input shape ---------------
+    def _adapt_plan(self, inputs: torch.Tensor) -> None:
+        key = tuple(inputs.shape[1:])
+        if key in self._traced:
+            return
+        self._traced.add(key)
+        moved = self.tape.adapt(trace_uses(self.model, inputs))
+        if moved:
+            self.moved.update(moved)
+            log.info(
+                "clipping=%s: %d parameters act outside their own layer's forward; their "
+                "per-sample gradients come from the enclosing module: %s",
+                self.mode,
+                len(moved),
+                ", ".join(f"{p} → {m or '<model>'}" for p, m in moved.items()),
+            )
+
     # -- broadcast parameters are checked once per input shape ---------------------------
     def _probe_broadcasts(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         """Row j of an expanded parameter must get exactly zero gradient from sample i ≠ j;
@@ -134,14 +154,12 @@ class FastEngine(ClippingEngine):
                 self.tape.demote(b)
 
     # -- the step ------------------------------------------------------------------------
-    def clipped_sum(self, inputs, targets, max_grad_norm, weights=None):
+    def _clipped_sum(self, inputs, targets, max_grad_norm, weights=None):
         params = dict(trainable_parameters(self.model))
-        if len(inputs) == 0:
-            empty = inputs.new_zeros(0)
-            return {n: torch.zeros_like(p) for n, p in params.items()}, empty, empty.sum()
         if tuple(id(p) for p in params.values()) != self._trainable:
             self.detach()  # a parameter was frozen or unfrozen since attach: plan again
             self.attach()
+        self._adapt_plan(inputs)
         self._probe_broadcasts(inputs, targets)
         tape = self.tape
         tape.start(len(inputs))

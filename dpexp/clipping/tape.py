@@ -13,6 +13,13 @@ Every trainable parameter of the model is covered by exactly one of
 Gradient *edges* of the outputs are taken when the output is produced, so an in-place op that
 later changes the output (``out += identity``, ``ReLU(inplace=True)``) does not change which
 gradient is read.
+
+That static plan assumes each parameter acts only inside its own module's forward, on
+batch-first tensors. :meth:`Tape.adapt` checks it against a traced forward
+(``dpexp.clipping.trace``) and hands every parameter it does not hold for (one read outside its
+module, tied to another module, or in a layer applied to rows that are not samples) to the
+generic path of the innermost batched module enclosing all its uses: exact, and slower only
+there. Recording refuses to start before the plan was adapted.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_map
 
 from dpexp.clipping.layers import EXACT_TYPES, LayerMath, math_for
+from dpexp.clipping.trace import UseTrace
 from dpexp.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -110,23 +118,23 @@ class Tape:
         self.batch_size = 0
         self.recording = False
         self._handles: list = []
+        self.tied: set[str] = set()  # full names of parameters registered in several modules
+        self.adapted = False
         self._plan()
 
     # -- which path covers each parameter --------------------------------------------
     def _plan(self) -> None:
         full_names = {id(p): n for n, p in self.model.named_parameters() if p.requires_grad}
-        owners: dict[int, str] = {}
+        owners: set[int] = set()
         for mod_name, module in self.model.named_modules():
             direct = _trainable_direct(module)
+            for local, p in list(direct.items()):
+                if id(p) in owners:  # tied: the first owner holds it until adapt() moves it
+                    self.tied.add(full_names[id(p)])
+                    del direct[local]
+                owners.add(id(p))
             if not direct:
                 continue
-            for local, p in direct.items():
-                if id(p) in owners:
-                    raise UnsupportedModelError(
-                        f"{describe(mod_name, module)}: parameter {local!r} is shared with "
-                        f"module {owners[id(p)]!r}; tied parameters are not supported"
-                    )
-                owners[id(p)] = mod_name
             names = {local: full_names[id(p)] for local, p in direct.items()}
             layer_math = math_for(module)
             if layer_math is not None and set(names) <= set(layer_math.params):
@@ -156,6 +164,52 @@ class Tape:
             self.detach()
             self.attach()
 
+    def adapt(self, trace: UseTrace) -> dict[str, str]:
+        """Hand each parameter whose path does not see all of its uses to the generic path
+        of the innermost batched module enclosing them (``trace``); returns the moves,
+        parameter → new module name ("" for the model itself)."""
+        if not trace.batched.get(""):
+            raise UnsupportedModelError(
+                "the model must map a batch of inputs to a batch of outputs (one tensor with "
+                "the samples as first dimension)"
+            )
+        modules = dict(self.model.named_modules())
+        moved: dict[str, str] = {}
+        for holder in [*self.layers, *self.broadcasts]:
+            fast = isinstance(holder, Layer) and holder.math is not None
+            for local, full in list(holder.params.items()):
+                whole = (
+                    full not in self.tied
+                    and trace.batched.get(holder.name, True)
+                    and trace.used_only_in(full, holder.name, directly=fast)
+                )
+                home = None if whole else trace.home(full)
+                if home is None:  # covered where it is, or never used (no gradient)
+                    continue
+                del holder.params[local]
+                self._generic_layer(home, modules[home]).params[_relative(full, home)] = full
+                moved[full] = home
+        for full in self.tied - set(moved):  # registered twice but used by neither module
+            home = trace.home(full)
+            if home is not None:
+                self._generic_layer(home, modules[home]).params[_relative(full, home)] = full
+                moved[full] = home
+        self.layers = [layer for layer in self.layers if layer.params]
+        self.broadcasts = [b for b in self.broadcasts if b.params]
+        self.adapted = True
+        if self._handles:  # the hooks follow the new plan
+            self.detach()
+            self.attach()
+        return moved
+
+    def _generic_layer(self, name: str, module: nn.Module) -> Layer:
+        for layer in self.layers:
+            if layer.module is module and layer.math is None:
+                return layer
+        layer = Layer(name, module, {}, None)
+        self.layers.append(layer)
+        return layer
+
     @property
     def param_names(self) -> list[str]:
         names = [f for layer in self.layers for f in layer.params.values()]
@@ -178,6 +232,8 @@ class Tape:
 
     def start(self, batch_size: int) -> None:
         """Forget the previous batch and record the next forward."""
+        if not self.adapted:
+            raise RuntimeError("Tape.adapt(trace) must check the plan before recording")
         self.batch_size = batch_size
         for layer in self.layers:
             layer.calls = []
@@ -196,6 +252,12 @@ class Tape:
                 raise UnsupportedModelError(
                     f"{layer.where}: output must be one tensor that requires grad, "
                     f"got {type(output).__name__}"
+                )
+            rows = (output.shape[0] if output.dim() else None, _rows(args))
+            if rows[0] != self.batch_size or (layer.math is not None and rows[1] != rows[0]):
+                raise UnsupportedModelError(
+                    f"{layer.where}: called on {rows[1]} rows, returned {rows[0]}, in a batch "
+                    f"of {self.batch_size} samples; its per-sample gradients are undefined"
                 )
             lowest = not any(
                 isinstance(a, torch.Tensor) and a.grad_fn is not None
@@ -250,6 +312,15 @@ class Tape:
         return hook
 
 
+def _rows(args: tuple) -> int | None:
+    first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    return first.shape[0] if first is not None and first.dim() else None
+
+
+def _relative(full: str, module: str) -> str:
+    return full[len(module) + 1 :] if module else full
+
+
 def _broadcastable(p: nn.Parameter) -> bool:
     return p.dim() >= 2 and p.shape[0] == 1
 
@@ -260,7 +331,7 @@ def generic_per_sample(
     """Exact per-sample gradients of ``layer``'s direct parameters by torch.func: the vjp of
     the module at each sample's own input with that sample's output gradient."""
     batch = len(g)
-    params = {n: getattr(layer.module, n).detach() for n in layer.params}
+    params = {n: layer.module.get_parameter(n).detach() for n in layer.params}
 
     def batched(t) -> bool:
         return isinstance(t, torch.Tensor) and t.dim() > 0 and len(t) == batch

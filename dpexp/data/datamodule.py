@@ -68,6 +68,7 @@ class DataModule(L.LightningDataModule):
             _, _, n_train, n_test, self.image_shape, self.num_classes = TORCHVISION[name]
             self._full_sizes = (n_train, n_test)
         self.sampler_generator = torch.Generator().manual_seed(seed)
+        self.secret_sampler = False  # privacy.secure_noise: the seed is secret, never stored
         self._sampler: PoissonBatchSampler | None = None
         self._resume_position = 0  # batch of the epoch to continue from (checkpoint)
         self.train = self.test = self.public = None
@@ -165,6 +166,12 @@ class DataModule(L.LightningDataModule):
         )
         self.__dict__.update({**state, "sampler_generator": generator})
 
+    def use_secret_sampler_seed(self, seed: int) -> None:
+        """Seed the Poisson sampler with a secret (``privacy.secure_noise``): checkpoints then
+        keep only the position in the epoch, and a resume draws fresh batches."""
+        self.sampler_generator.manual_seed(seed)
+        self.secret_sampler = True
+
     def state_dict(self) -> dict:
         """The sampler's RNG as it was before the first batch training has not used yet, and
         that batch's index in the epoch: a resumed run draws exactly the batches it missed."""
@@ -177,10 +184,13 @@ class DataModule(L.LightningDataModule):
                 else self._sampler.drawn
             )
             position, state = self._sampler.resume_state(consumed)
+        if self.secret_sampler:
+            state = None
         return {"sampler_generator": state, "sampler_position": position}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.sampler_generator.set_state(state_dict["sampler_generator"])
+        if state_dict["sampler_generator"] is not None:  # None: secret, reseeded by this run
+            self.sampler_generator.set_state(state_dict["sampler_generator"])
         self._resume_position = state_dict.get("sampler_position", 0)
 
     def public_dataloader(self, batch_size: int = 256, shuffle: bool = True) -> DataLoader:

@@ -29,6 +29,12 @@ class Method(L.Callback):
 
         Anything read here from ``datamodule`` must be public (``datamodule.public``)."""
 
+    def use_secret_seed(self, seed: int) -> None:
+        """``privacy.secure_noise``: reseed every generator that samples private data or
+        draws noise added to it with ``seed`` (from the OS CSPRNG), and keep it out of
+        checkpoints. Randomness that never touches private data (e.g. a random mask) may
+        stay reproducible."""
+
     def coordinate_weights(self, step: int) -> dict[str, torch.Tensor] | None:
         """Per-parameter weights applied to every per-sample gradient before clipping.
 

@@ -117,6 +117,7 @@ class Screen(Method):
         self.sigma_v = float(sigma_v)
         # One seeded stream for validation sampling, test noise and acceptance draws.
         self.generator = torch.Generator().manual_seed(seed + 6007)
+        self.secret_generator = False
         self.model: nn.Module | None = None
         self.datamodule: L.LightningDataModule | None = None
         self.validation_rate = math.nan  # q_v of the private noisy test
@@ -259,13 +260,18 @@ class Screen(Method):
             fields["epsilon_paper"] = self.epsilon_paper()
         return fields
 
+    def use_secret_seed(self, seed: int) -> None:
+        """The private validation sample and the test noise must not be predictable."""
+        self.generator.manual_seed(seed)
+        self.secret_generator = True
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "candidates": self.candidates,
             "accepted": self.accepted,
             "forced": self.forced,
             "consecutive_rejections": self.consecutive_rejections,
-            "generator": self.generator.get_state(),
+            "generator": None if self.secret_generator else self.generator.get_state(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -273,4 +279,5 @@ class Screen(Method):
         self.accepted = state_dict["accepted"]
         self.forced = state_dict["forced"]
         self.consecutive_rejections = state_dict["consecutive_rejections"]
-        self.generator.set_state(state_dict["generator"])
+        if state_dict["generator"] is not None:  # None: secret, reseeded by this run
+            self.generator.set_state(state_dict["generator"])

@@ -38,6 +38,10 @@ class CNNTanh(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
 
+    def get_classifier(self) -> nn.Module:
+        """The head (timm's name for it): the last Linear, features → class scores."""
+        return self.classifier[-1]
+
 
 class CNNCifar(nn.Module):
     """CIFAR CNN: three blocks of two 3×3 convs (32, 64, 128 channels) with tanh and 2×2
@@ -67,3 +71,7 @@ class CNNCifar(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+    def get_classifier(self) -> nn.Module:
+        """The head (timm's name for it): the last Linear, features → class scores."""
+        return self.classifier[-1]

@@ -18,6 +18,13 @@ class OutOfPlaceBasicBlock(BasicBlock):
         return F.relu(out + identity)
 
 
+class ResNetGN(ResNet):
+    """torchvision's ResNet with the classifier named as in timm (``get_classifier``)."""
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+
 def resnet18_gn(image_shape=(3, 32, 32), num_classes: int = 10, groups: int = 32) -> nn.Module:
     """ResNet-18 with GroupNorm(``groups``); inputs ≤ 64 px get the CIFAR stem (3×3 conv,
     stride 1, no max-pool)."""
@@ -26,7 +33,7 @@ def resnet18_gn(image_shape=(3, 32, 32), num_classes: int = 10, groups: int = 32
     def norm(channels: int) -> nn.GroupNorm:
         return nn.GroupNorm(min(groups, channels), channels)
 
-    model = ResNet(OutOfPlaceBasicBlock, [2, 2, 2, 2], num_classes=num_classes, norm_layer=norm)
+    model = ResNetGN(OutOfPlaceBasicBlock, [2, 2, 2, 2], num_classes=num_classes, norm_layer=norm)
     if image_shape[0] != 3 or max(image_shape[1:]) <= 64:
         stride, kernel = (1, 3) if max(image_shape[1:]) <= 64 else (2, 7)
         model.conv1 = nn.Conv2d(

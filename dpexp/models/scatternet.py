@@ -73,3 +73,7 @@ class ScatterNetCNN(nn.Module):
         if tuple(x.shape[1:]) == self.image_shape:
             x = self.fixed_features(x)
         return self.classifier(self.features(x))
+
+    def get_classifier(self) -> nn.Module:
+        """The head (timm's name for it): the last Linear, features → class scores."""
+        return self.classifier[-1]

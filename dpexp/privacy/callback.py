@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 from typing import Any
 
 import lightning as L
@@ -16,6 +17,7 @@ from dpexp.accounting import Ledger
 from dpexp.clipping import make_engine
 from dpexp.errors import UserError
 from dpexp.methods.base import Method
+from dpexp.privacy.settings import check_resume
 from dpexp.privacy.step import GradientStep
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,12 @@ class PrivacyCallback(L.Callback):
     spend at most ε, and training stops before any step that would exceed it. With
     ``noise_multiplier`` given, σ is fixed and ε is computed (still capped by ``epsilon``
     unless that is None).
+
+    Noise and sampling are reproducible from ``seed`` by default (research: anyone holding
+    the result file can regenerate the noise, so it is not a private release). With
+    ``secure_noise`` their seeds, and those of method randomness that touches private data,
+    come from the OS CSPRNG, are never stored, and the noise is drawn as Opacus' secure
+    mode draws it (docs/reliability.md).
     """
 
     def __init__(
@@ -57,6 +65,9 @@ class PrivacyCallback(L.Callback):
         clipping: str = "per_sample",
         methods: list[Method] | None = None,
         seed: int = 0,
+        verify: bool = True,
+        secure_noise: bool = False,
+        settings: dict[str, Any] | None = None,
     ) -> None:
         self.enabled = enabled
         self.epsilon = epsilon
@@ -68,6 +79,12 @@ class PrivacyCallback(L.Callback):
         self.clipping = clipping
         self.methods = list(methods or [])
         self.seed = seed
+        self.verify = verify
+        self.secure_noise = bool(secure_noise)
+        # drawn once here, so that every DDP worker (pickled from this object) shares them
+        self._secret_seeds = [secrets.randbits(63) for _ in range(3)] if secure_noise else None
+        self.settings = settings
+        self.verification = None
         self.ledger = Ledger(delta, accountant)
         self.step: GradientStep | None = None
         self.engine = None
@@ -99,6 +116,10 @@ class PrivacyCallback(L.Callback):
                 "privacy ledger to the process that writes result.json"
             )
         dm = trainer.datamodule
+        if self._secret_seeds is not None:
+            dm.use_secret_sampler_seed(self._secret_seeds[0])
+            for method in self.methods:
+                method.use_secret_seed(self._secret_seeds[2])
         for method in self.methods:
             method.setup_method(pl_module.model, dm)
         self.sample_rate = dm.sample_rate
@@ -133,7 +154,8 @@ class PrivacyCallback(L.Callback):
         kwargs: dict[str, Any] = {}
         if self.enabled:
             device = next(model.parameters()).device
-            self.noise_generator = torch.Generator(device=device).manual_seed(self.seed + 1)
+            seed = self._secret_seeds[1] if self._secret_seeds else self.seed + 1
+            self.noise_generator = torch.Generator(device=device).manual_seed(seed)
             if self._restored_noise_state is not None:
                 self.noise_generator.set_state(self._restored_noise_state)
             self.engine = make_engine(self.clipping, model)
@@ -147,6 +169,8 @@ class PrivacyCallback(L.Callback):
                 "physical_batch_size": dm.physical_batch_size,
                 "ledger": self.ledger,
                 "noise_generator": self.noise_generator,
+                "verify": self.verify,
+                "secure_noise": self.secure_noise,
             }
         self.step = GradientStep(model, self.methods, **kwargs)
         self.step.steps = self._restored_steps
@@ -193,6 +217,14 @@ class PrivacyCallback(L.Callback):
     def spent_epsilon(self) -> float:
         return self.ledger.epsilon() if self.enabled else math.inf
 
+    @property
+    def noise_label(self) -> str | None:
+        if not self.enabled:
+            return None
+        if self.secure_noise:
+            return "secure: seeds from the OS CSPRNG, never stored"
+        return "reproducible from seed — not a private release"
+
     def summary(self) -> dict[str, Any]:
         return {
             "epsilon": self.spent_epsilon() if self.enabled else None,
@@ -205,23 +237,36 @@ class PrivacyCallback(L.Callback):
             "accountant_history": self.ledger.history(),
             "max_grad_norm": self.max_grad_norm if self.enabled else None,
             "clipping": self.clipping if self.enabled else None,
+            "clipping_probe": self._probe_report(),
+            "noise": self.noise_label,
             "budget_stop": self.budget_exhausted,
         }
 
+    def _probe_report(self) -> dict[str, Any] | None:
+        """The exactness probe's outcome (from the step, or as a DDP worker returned it)."""
+        if self.step is not None and self.step.verification is not None:
+            return self.step.verification.as_dict()
+        return self.verification
+
     def state_dict(self) -> dict[str, Any]:
+        keep_noise = self.noise_generator is not None and not self.secure_noise
         return {
             "ledger": self.ledger.state_dict(),
             "steps": self.step.steps if self.step else self._restored_steps,
             "noise_multiplier": self.noise_multiplier,
-            "noise_generator": (
-                self.noise_generator.get_state() if self.noise_generator is not None else None
-            ),
+            # a secret generator's state would let a checkpoint's reader recompute the noise
+            "noise_generator": self.noise_generator.get_state() if keep_noise else None,
+            "settings": self.settings,
         }
 
     # -- DDP via spawn (dpexp.distributed): training runs in worker processes ---------------
     def worker_state(self) -> dict[str, Any]:
         """What rank 0 sends back so that the main process reports the run it trained."""
-        return {"checkpoint": self.state_dict(), "summary": self.summary()}
+        return {
+            "checkpoint": self.state_dict(),
+            "summary": self.summary(),
+            "verification": self._probe_report(),
+        }
 
     def restore_worker_state(self, state: dict[str, Any]) -> None:
         self.load_state_dict(state["checkpoint"])
@@ -230,8 +275,11 @@ class PrivacyCallback(L.Callback):
         self.sample_rate = summary["sample_rate"]
         self.planned_steps = summary["planned_steps"]
         self.budget_exhausted = summary["budget_stop"]
+        self.verification = state.get("verification")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.settings is not None:  # None: a bare callback (tests, DDP state transfer)
+            check_resume(state_dict.get("settings"), self.settings, "the resumed checkpoint")
         self.ledger.load_state_dict(state_dict["ledger"])
         self._restored_steps = state_dict["steps"]
         self._restored_noise_state = state_dict["noise_generator"]

@@ -17,9 +17,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpexp.accounting import Ledger
-from dpexp.clipping import ClippingEngine, clip_materialized, trainable_parameters
+from dpexp.clipping import (
+    ClippingEngine,
+    ProbeReport,
+    clip_materialized,
+    probe,
+    trainable_parameters,
+)
 from dpexp.clipping.base import Weights
 from dpexp.methods.base import Method
+
+# Statistics of the private batch that no mechanism releases: only logged on request
+# (logger.private_stats=true); everything else a step reports is a DP output.
+PRIVATE_STATS = ("loss", "clip_fraction", "grad_norm", "batch_size")
 
 # Per-sample gradients of extra examples for (step, coordinate weights): chunks of
 # B_extra × param shape tensors by name.
@@ -66,6 +76,8 @@ class GradientStep:
         ledger: Ledger | None = None,
         noise_generator: torch.Generator | None = None,
         max_steps: int | None = None,
+        verify: bool = False,
+        secure_noise: bool = False,
     ) -> None:
         self.model = model
         self.methods = list(methods)
@@ -79,6 +91,10 @@ class GradientStep:
         self.noise_generator = noise_generator
         self.max_steps = max_steps
         self.steps = 0
+        # The exactness probe runs on the first non-empty chunk, before anything is released.
+        self.verify = verify
+        self.verification: ProbeReport | None = None
+        self.secure_noise = secure_noise
         # Privacy audits set this: gradient canaries clipped and noised with the batch.
         self.injected_gradients: InjectedGradients | None = None
 
@@ -108,6 +124,9 @@ class GradientStep:
             chunk_sums, chunk_norms, chunk_loss = self.engine.clipped_sum(
                 xc, yc, self.max_grad_norm, weights
             )
+            if self.verify and len(yc):  # after the engine chose its paths at this size
+                self.verification = probe(self.engine, xc, yc, self.max_grad_norm, weights)
+                self.verify = False
             if sums is None:  # the engine's fresh tensors are ours: summed into in place
                 sums = chunk_sums
             else:
@@ -125,9 +144,7 @@ class GradientStep:
         # whole logical batch, so the summed gradient gets N(0, σ²C²) once, not once per rank.
         draws_noise = world_size() == 1 or dist.get_rank() == 0
         for n, p in params if draws_noise else ():
-            noise = torch.normal(
-                0.0, std, p.shape, generator=self.noise_generator, device=p.device, dtype=p.dtype
-            )
+            noise = self.gaussian(std, p)
             if weights is not None and n in weights:
                 noise = noise * (weights[n] != 0)  # a dropped coordinate gets no noise
             sums[n].add_(noise)
@@ -140,6 +157,22 @@ class GradientStep:
             stats["clip_fraction"] = (norms > self.max_grad_norm).float().mean()
             stats["grad_norm"] = norms.median()
         return sums, stats
+
+    def gaussian(self, std: float, like: torch.Tensor) -> torch.Tensor:
+        """N(0, std²) noise shaped like ``like``. With ``secure_noise``, as Opacus' secure mode
+        draws it: one draw discarded, then the sum of 4 draws / 2 (Holohan & Braghin 2021,
+        arXiv 2107.10138, §5.1), against floating-point attacks on the sampler."""
+
+        def draw() -> torch.Tensor:
+            return torch.normal(
+                0.0, std, like.shape, generator=self.noise_generator, device=like.device,
+                dtype=like.dtype,
+            )  # fmt: skip
+
+        if not self.secure_noise:
+            return draw()
+        torch.normal(0.0, std, (1,), generator=self.noise_generator, device=like.device)
+        return (draw() + draw() + draw() + draw()) / 2
 
     def plain_gradient(self, x, y, weights) -> tuple[dict[str, torch.Tensor], dict]:
         params = trainable_parameters(self.model)
@@ -186,6 +219,8 @@ class GradientStep:
             grads, stats = self.plain_gradient(x, y, weights)
         for method in self.methods:
             grads = method.transform_update(grads)
+        if grads:  # the released (noisy, averaged) update: a DP output
+            stats["update_norm"] = torch.stack([g.detach().norm() for g in grads.values()]).norm()
         named = dict(self.model.named_parameters())  # an update may name any parameter
         for n, g in grads.items():
             named[n].grad = g
