@@ -296,8 +296,11 @@ def markdown_table(rows: list[dict]) -> str:
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        precision = r.get("precision", "fp32")
-        model = r["model"] if precision == "fp32" else f"{r['model']} ({precision} autocast)"
+        # CSVs written before bench.device / bench.autocast existed: CPU, float32
+        notes = [r.get("device") or "cpu", r.get("precision") or "fp32"]
+        notes = [n for n in notes if n not in ("cpu", "fp32")]
+        notes = [f"{n} autocast" if n == "bf16" else n for n in notes]
+        model = f"{r['model']} ({', '.join(notes)})" if notes else r["model"]
         lines.append(
             f"| {model} | {r['clipping']} | {r['batch_size']} | {float(r['step_ms']):.1f} "
             f"| {float(r['time_ratio']):.2f} | {float(r['peak_mem_mb']):.1f} "
