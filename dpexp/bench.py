@@ -19,7 +19,10 @@ allocator's statistics: ``max_memory_allocated`` during the step minus ``memory_
 before it; step times are taken between ``torch.cuda.synchronize`` calls.
 
 ``bench.autocast=bf16`` runs every step (non-private too) under ``torch.autocast`` with
-bfloat16: parameters, their gradients, the clipped sum and the noise stay float32.
+bfloat16: parameters, their gradients, the clipped sum and the noise stay float32. The fast
+engines compute per-sample norms and clipped sums in float32 from the bfloat16 layer inputs
+and output gradients (autocast off there); Opacus' hooks and torch.func follow autocast, and
+the step casts their sums to float32 before the noise.
 """
 
 from __future__ import annotations

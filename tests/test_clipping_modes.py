@@ -111,6 +111,23 @@ def test_timm_vit_with_cls_token_pos_embed_and_timm_layernorm():
     assert generic == []  # timm's LayerNorm computes nn.LayerNorm's function: fast path
 
 
+@pytest.mark.parametrize("mode", FAST)
+def test_fast_modes_under_bf16_autocast_clip_at_the_parameters_precision(mode):
+    """Under autocast a layer's input and output gradient are bfloat16 (the image and the
+    broadcast tokens' gradients float32): the per-sample math runs in float32, so norms and
+    sums are float32 and agree with the float32 step to bfloat16's rounding."""
+    model = tiny_vit()
+    x, y = batch((3, 16, 16), n=3)
+    ref_sums, ref_norms = clip_and_sum(model, x, y, CLIP, mode=mode)
+    with torch.autocast("cpu", torch.bfloat16):
+        sums, norms = clip_and_sum(model, x, y, CLIP, mode=mode)
+    assert norms.dtype == torch.float32
+    assert all(s.dtype == torch.float32 for s in sums.values()), mode
+    torch.testing.assert_close(norms, ref_norms, rtol=5e-2, atol=0)
+    flat, ref = (torch.cat([s[n].flatten() for n in ref_sums]) for s in (sums, ref_sums))
+    assert (flat - ref).norm() <= 5e-2 * ref.norm(), mode
+
+
 class TokenModel(nn.Module):
     def __init__(self) -> None:
         super().__init__()
