@@ -4,6 +4,7 @@ missed."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -22,6 +23,8 @@ from dpexp.data.sources import (
     synthetic,
 )
 
+log = logging.getLogger(__name__)
+
 
 class DataModule(L.LightningDataModule):
     """Train/test (and optional public) splits held in memory as normalised tensors.
@@ -29,6 +32,7 @@ class DataModule(L.LightningDataModule):
     ``public_size`` examples at the end of the training set are declared public: they are
     removed from the private training data and may be used freely (e.g. to choose masks).
     ``train_size``/``test_size`` take the first examples of each split (small test runs).
+    :meth:`add_private_examples` appends examples (an audit's canaries) to the private set.
     """
 
     def __init__(
@@ -75,6 +79,29 @@ class DataModule(L.LightningDataModule):
         self.planned_epochs: int | None = None
         self.input_transform: nn.Module | None = None
         self.feature_cache: Path | None = None
+        self.extra_private: TensorData | None = None
+        self._features: FixedFeatures | None = None  # while setup() computes them
+
+    def add_private_examples(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Append ``(x, y)`` (images of the dataset's shape, labels of the model's classes) to
+        the private training set at :meth:`setup`, e.g. an audit's input canaries.
+
+        They are private examples like the others: the Poisson sampler draws each of them
+        with the rate q = ``batch_size`` / :attr:`num_private`, and the clipping engine clips
+        them with the batch. :attr:`num_private`, q and the step plan stay those of the
+        dataset's own examples, fixed before the extra examples are known: the accountant's
+        q is the sampler's q, and neither depends on how many examples were added."""
+        if self.train is not None:
+            raise RuntimeError("add_private_examples() must be called before setup()")
+        if tuple(x.shape[1:]) != self.image_shape or len(x) != len(y):
+            raise ValueError(
+                f"extra private examples must be {len(y)} images of shape {self.image_shape}, "
+                f"got {tuple(x.shape)}"
+            )
+        if self.extra_private is not None:
+            x = torch.cat([self.extra_private.x, x])
+            y = torch.cat([self.extra_private.y, y])
+        self.extra_private = TensorData(x.float(), y.long())
 
     def precompute(self, transform: nn.Module, cache_dir: str | Path | None = None) -> None:
         """Store ``transform(x)`` instead of every image ``x``, computed once at set-up and
@@ -87,10 +114,17 @@ class DataModule(L.LightningDataModule):
         self.input_transform = transform
         self.feature_cache = Path(cache_dir) if cache_dir is not None else None
 
-    def _transformed(self, x: torch.Tensor) -> torch.Tensor:
+    def model_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """What the model sees for images ``x``: the fixed front end of :meth:`precompute`,
+        if any (an auditor computing its canaries' gradients needs exactly the training input)."""
         if self.input_transform is None:
             return x
-        return FixedFeatures(self.input_transform, self.feature_cache)(self.name, x)
+        return FixedFeatures(self.input_transform)(self.name, x, "canaries")
+
+    def _transformed(self, x: torch.Tensor, split: str) -> torch.Tensor:
+        if self._features is None:
+            return x
+        return self._features(self.name, x, split)
 
     # Sizes are known before loading, so configs can be validated without touching the data.
     @property
@@ -100,6 +134,7 @@ class DataModule(L.LightningDataModule):
 
     @property
     def sample_rate(self) -> float:
+        """q = B / N over the dataset's own private examples (extra examples do not change it)."""
         return self.batch_size / self.num_private
 
     @property
@@ -119,14 +154,29 @@ class DataModule(L.LightningDataModule):
             )
         else:
             root = self.locate()
+            if root != Path(self.root).expanduser():  # only the default root falls back
+                log.info("dataset %s: read from the mirror %s (the default root %s/ has no "
+                         "files)", self.name, root, self.root)  # fmt: skip
             x, y = load_torchvision(self.name, root, train=True)
             xt, yt = load_torchvision(self.name, root, train=False)
+        if self.input_transform is not None:
+            self._features = FixedFeatures(self.input_transform, self.feature_cache)
         n_public_start = len(y) - self.public_size
-        self.public = TensorData(self._transformed(x[n_public_start:]), y[n_public_start:])
+        public = self._transformed(x[n_public_start:], "public")
+        self.public = TensorData(public, y[n_public_start:])
         n = self.num_private
-        self.train = TensorData(self._transformed(x[:n]), y[:n])
+        self.train = TensorData(self._transformed(x[:n], "train"), y[:n])
+        if self.extra_private is not None:
+            extra = self.extra_private
+            self.train = TensorData(
+                torch.cat([self.train.x, self._transformed(extra.x, "canaries")]),
+                torch.cat([self.train.y, extra.y]),
+            )
         m = len(yt) if self.test_size is None else min(self.test_size, len(yt))
-        self.test = TensorData(self._transformed(xt[:m]), yt[:m])
+        self.test = TensorData(self._transformed(xt[:m], "test"), yt[:m])
+        if self._features is not None:
+            log.info("%s", self._features.summary(self.name))
+            self._features = None
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer  # None outside a Trainer; under DDP, this process's rank
