@@ -7,7 +7,7 @@ ARGS ?=
 SWEEP ?= pruning_eps
 TABLE ?= pruning_tradeoff
 
-.PHONY: install train test lint format bench sweep report reproduce audit audit-table clean
+.PHONY: install train test lint format bench sweep report reproduce audit audit-table gpu-wheels gpu-check gpu-dry-run clean
 
 install: $(STAMP)
 
@@ -46,6 +46,21 @@ bench: install
 	$(BIN)/python -m dpexp.bench model=resnet_gn dataset=synthetic dataset.batch_size=64 hydra.run.dir=$(BENCH_DIR)/resnet_gn $(ARGS)
 	$(BIN)/python -m dpexp.bench model=timm +model.patch_size=4 dataset=synthetic dataset.batch_size=64 hydra.run.dir=$(BENCH_DIR)/vit_tiny $(ARGS)
 	$(BIN)/python -m dpexp.bench --table $(BENCH_DIR)/cnn_tanh/bench.csv $(BENCH_DIR)/resnet_gn/bench.csv $(BENCH_DIR)/vit_tiny/bench.csv
+
+# The prepared GPU check (docs/gpu_check.md): wheels of what the GPU machine lacks (needs a
+# package index), the check itself (OUT=dir), and its dry run here in an environment that
+# has only what the GPU machine has.
+GPU_ENV ?= /tmp/gpu-env
+OUT ?= outputs/gpu_check
+gpu-wheels:
+	bash scripts/gpu_wheels.sh
+
+gpu-check:
+	OUT=$(OUT) bash scripts/gpu_check.sh
+
+gpu-dry-run: install gpu-wheels
+	$(BIN)/python scripts/gpu_offline_env.py $(GPU_ENV) --source $(VENV)
+	DEVICE=cpu PYTHON=$(GPU_ENV)/bin/python OUT=$(OUT)_cpu bash scripts/gpu_check.sh
 
 # Resumable sweep (conf/sweep/$(SWEEP).yaml) into multirun/$(SWEEP); re-run to finish a killed one.
 sweep: install

@@ -10,11 +10,19 @@ sum, noise, SGD step; non-private: mean gradient, SGD step) on one random batch 
 (A B A B ...), and the median step time is reported. Engines are attached and detached outside
 the timed region.
 
-Peak memory: one more step per mode under ``torch.profiler`` with ``profile_memory``: the
-running sum of every tensor allocation and free in time order gives the peak of bytes live
-during the step above what was live before it (model, optimizer state and the batch are not
-counted). This counts tensors from torch's CPU allocator only, not Python objects or the
-allocator's own caching.
+Peak memory: one more step per mode. On the CPU, under ``torch.profiler`` with
+``profile_memory``: the running sum of every tensor allocation and free in time order gives the
+peak of bytes live during the step above what was live before it (model, optimizer state and
+the batch are not counted); tensors from torch's CPU allocator only, not Python objects or the
+allocator's own caching. On CUDA (``bench.device=cuda``) the same quantity from the caching
+allocator's statistics: ``max_memory_allocated`` during the step minus ``memory_allocated``
+before it; step times are taken between ``torch.cuda.synchronize`` calls.
+
+``bench.autocast=bf16`` runs every step (non-private too) under ``torch.autocast`` with
+bfloat16: parameters, their gradients, the clipped sum and the noise stay float32. The fast
+engines compute per-sample norms and clipped sums in float32 from the bfloat16 layer inputs
+and output gradients (autocast off there); Opacus' hooks and torch.func follow autocast, and
+the step casts their sums to float32 before the noise.
 """
 
 from __future__ import annotations
@@ -42,7 +50,12 @@ from dpexp.privacy.step import GradientStep
 from dpexp.train import CONFIG_DIR
 
 NON_PRIVATE = "non_private"
-FIELDS = ["model", "clipping", "batch_size", "step_ms", "peak_mem_mb", "time_ratio", "mem_ratio"]
+CPU = torch.device("cpu")
+FIELDS = [
+    "model", "clipping", "batch_size", "device", "precision",
+    "step_ms", "peak_mem_mb", "time_ratio", "mem_ratio",
+]  # fmt: skip
+AUTOCAST = {None: None, "bf16": torch.bfloat16}
 
 
 class OpacusGhostEngine(ClippingEngine):
@@ -119,9 +132,13 @@ def make_bench_engine(mode: str, model: torch.nn.Module) -> ClippingEngine:
 class Contender:
     """One mode's training step on a shared model; engine attached only while it runs."""
 
-    def __init__(self, mode: str, model, optimizer, batch_size: int, sigma: float) -> None:
+    def __init__(
+        self, mode: str, model, optimizer, batch_size: int, sigma: float,
+        device: torch.device = CPU, autocast: torch.dtype | None = None,
+    ) -> None:  # fmt: skip
         self.mode = mode
         self.optimizer = optimizer
+        self.device, self.autocast = device, autocast
         self.engine = None if mode == NON_PRIVATE else make_bench_engine(mode, model)
         kwargs = {}
         if self.engine is not None:
@@ -132,29 +149,49 @@ class Contender:
                 "expected_batch_size": batch_size,
                 "sample_rate": 0.01,
                 "ledger": Ledger(1e-5),
-                "noise_generator": torch.Generator().manual_seed(0),
+                "noise_generator": torch.Generator(device=device).manual_seed(0),
             }
         self.step = GradientStep(model, **kwargs)
 
-    def run(self, batch, measure: Callable[[Callable[[], None]], float]) -> float:
+    def run(self, batch, measure: Callable[[Callable[[], None], torch.device], float]) -> float:
         if self.engine is not None:
             self.engine.attach()
+
+        def step() -> None:
+            with torch.autocast(self.device.type, self.autocast, enabled=self.autocast is not None):
+                self.step(batch, self.optimizer)
+
         try:
-            return measure(lambda: self.step(batch, self.optimizer))
+            return measure(step, self.device)
         finally:
             if self.engine is not None:
                 self.engine.detach()
             self.optimizer.zero_grad(set_to_none=True)
 
 
-def wall_ms(fn: Callable[[], None]) -> float:
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def wall_ms(fn: Callable[[], None], device: torch.device = CPU) -> float:
+    _synchronize(device)
     start = time.perf_counter()
     fn()
+    _synchronize(device)
     return (time.perf_counter() - start) * 1e3
 
 
-def peak_mb(fn: Callable[[], None]) -> float:
-    """Peak of tensor bytes live during ``fn`` above those live before it (profiler events)."""
+def peak_mb(fn: Callable[[], None], device: torch.device = CPU) -> float:
+    """Peak of tensor bytes live during ``fn`` above those live before it (profiler events;
+    on CUDA the caching allocator's statistics)."""
+    if device.type == "cuda":
+        _synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        _synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     changes = sorted(
@@ -167,6 +204,25 @@ def peak_mb(fn: Callable[[], None]) -> float:
         live += delta
         top = max(top, live)
     return top / 2**20
+
+
+def bench_device(cfg: DictConfig) -> torch.device:
+    name = cfg.bench.get("device") or "cpu"
+    if name not in ("cpu", "cuda") or (name == "cuda" and not torch.cuda.is_available()):
+        from dpexp.errors import ConfigError
+
+        allowed = "cpu or cuda" if torch.cuda.is_available() else "cpu (no CUDA device here)"
+        raise ConfigError(f"bench.device={name!r} is invalid: {allowed}")
+    return torch.device(name)
+
+
+def bench_autocast(cfg: DictConfig) -> torch.dtype | None:
+    name = cfg.bench.get("autocast")
+    if name not in AUTOCAST:
+        from dpexp.errors import ConfigError
+
+        raise ConfigError(f"bench.autocast={name!r} is invalid: null (float32) or bf16")
+    return AUTOCAST[name]
 
 
 def model_label(cfg: DictConfig) -> str:
@@ -187,18 +243,19 @@ def benchmark(cfg: DictConfig) -> list[dict]:
         raise ConfigError(
             f"bench.modes={unknown!r} is invalid: choose from {', '.join((*MODES, *OPACUS))}"
         )
-    model = instantiate(cfg.model)
+    device, autocast = bench_device(cfg), bench_autocast(cfg)
+    model = instantiate(cfg.model).to(device)
     model.train()
     optimizer = instantiate(cfg.optimizer)(
         [p for p in model.parameters() if p.requires_grad], lr=1e-4
     )
     size = int(cfg.dataset.batch_size)
-    x = torch.randn(size, *cfg.dataset.image_shape)
+    x = torch.randn(size, *cfg.dataset.image_shape, device=device)
     if (features := getattr(model, "fixed_features", None)) is not None:
         x = features(x)  # as training sees it: the data module computes these once
-    y = torch.randint(0, int(cfg.dataset.num_classes), (size,))
+    y = torch.randint(0, int(cfg.dataset.num_classes), (size,), device=device)
     sigma = float(cfg.bench.noise_multiplier)
-    contenders = [Contender(m, model, optimizer, size, sigma) for m in modes]
+    contenders = [Contender(m, model, optimizer, size, sigma, device, autocast) for m in modes]
     for _ in range(int(cfg.bench.warmup)):
         for c in contenders:
             c.run((x, y), wall_ms)
@@ -216,6 +273,8 @@ def benchmark(cfg: DictConfig) -> list[dict]:
                 "model": model_label(cfg),
                 "clipping": mode,
                 "batch_size": size,
+                "device": device.type,
+                "precision": cfg.bench.get("autocast") or "fp32",
                 "step_ms": round(step_ms, 2),
                 "peak_mem_mb": round(memory[mode], 2),
                 "time_ratio": round(step_ms / base_ms, 3),
@@ -240,8 +299,13 @@ def markdown_table(rows: list[dict]) -> str:
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        # CSVs written before bench.device / bench.autocast existed: CPU, float32
+        notes = [r.get("device") or "cpu", r.get("precision") or "fp32"]
+        notes = [n for n in notes if n not in ("cpu", "fp32")]
+        notes = [f"{n} autocast" if n == "bf16" else n for n in notes]
+        model = f"{r['model']} ({', '.join(notes)})" if notes else r["model"]
         lines.append(
-            f"| {r['model']} | {r['clipping']} | {r['batch_size']} | {float(r['step_ms']):.1f} "
+            f"| {model} | {r['clipping']} | {r['batch_size']} | {float(r['step_ms']):.1f} "
             f"| {float(r['time_ratio']):.2f} | {float(r['peak_mem_mb']):.1f} "
             f"| {float(r['mem_ratio']):.2f} |"
         )

@@ -55,6 +55,21 @@ def compose_config(output_dir: Path, *overrides: str) -> DictConfig:
     return cfg
 
 
+def pytest_configure(config):
+    """DPEXP_TEST_DEVICE / DPEXP_TEST_DTYPE of the exactness tests (tests/device.py)."""
+    try:
+        from tests import device
+    except ValueError as exc:  # a bad value: one line, before any test runs
+        raise pytest.UsageError(str(exc)) from None
+    device.configure()
+
+
+def pytest_report_header(config):
+    from tests import device
+
+    return device.describe()
+
+
 @pytest.fixture
 def tiny_cfg(tmp_path):
     """Factory: ``tiny_cfg(*overrides)`` → a composed tiny config writing into tmp_path/run.

@@ -7,11 +7,13 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from dpexp.bench import FIELDS, markdown_table, peak_mb
+from dpexp.bench import FIELDS, bench_autocast, bench_device, benchmark, markdown_table, peak_mb
+from dpexp.errors import ConfigError
 from dpexp.train import CONFIG_DIR
 
 TINY_BENCH = [
@@ -63,3 +65,39 @@ def test_bench_cli_prints_one_json_line_per_mode_and_writes_csv(tmp_path):
     assert [r["clipping"] for r in saved] == [r["clipping"] for r in rows]
     table = markdown_table(saved)
     assert table.count("\n") == len(rows) + 1 and "| cnn_tanh | bk | 8 |" in table
+
+
+def bench_cfg(*overrides: str):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="bench", overrides=[*TINY_BENCH, *overrides])
+
+
+def test_bf16_autocast_runs_every_step_and_keeps_gradients_in_float32():
+    """Under autocast the engines sum in bfloat16; the step casts the sums back before the
+    noise, so the noise is drawn at the parameters' precision and the update is float32."""
+    rows = benchmark(bench_cfg("bench.autocast=bf16", "bench.modes=[bk,per_sample]"))
+    assert [r["clipping"] for r in rows] == ["non_private", "bk", "per_sample"]
+    assert {(r["device"], r["precision"]) for r in rows} == {("cpu", "bf16")}
+    assert all(r["step_ms"] > 0 and r["peak_mem_mb"] > 0 for r in rows)
+
+
+def test_bench_device_and_autocast_are_checked_in_one_line():
+    with pytest.raises(ConfigError, match=r"^bench\.device='tpu' is invalid: cpu"):
+        bench_device(bench_cfg("bench.device=tpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"no CUDA device here"):
+            bench_device(bench_cfg("bench.device=cuda"))
+    with pytest.raises(ConfigError, match=r"^bench\.autocast='fp16' is invalid: null .* or bf16$"):
+        bench_autocast(bench_cfg("bench.autocast=fp16"))
+
+
+def test_table_names_device_and_precision_and_reads_old_csvs():
+    row = {"model": "resnet_gn", "clipping": "bk", "batch_size": 256, "step_ms": 2.0}
+    row |= {"time_ratio": 1.5, "peak_mem_mb": 3.0, "mem_ratio": 2.0}
+    table = markdown_table(
+        [row, {**row, "device": "cuda", "precision": "bf16"}, {**row, "device": "cuda"}]
+    )
+    assert "| resnet_gn | bk | 256 |" in table  # a CSV without the device and precision
+    assert "| resnet_gn (cuda, bf16 autocast) | bk |" in table
+    assert "| resnet_gn (cuda) | bk |" in table

@@ -10,7 +10,7 @@ from torch import nn
 from dpexp.accounting import Ledger
 from dpexp.clipping import MODES, UnsupportedModelError, check_supported, clip_and_sum, make_engine
 from dpexp.privacy.step import GradientStep
-from tests import reference
+from tests import device, reference
 
 
 def conv_net() -> nn.Module:
@@ -76,16 +76,20 @@ def test_empty_poisson_batch_is_a_noised_and_accounted_step(mode):
 
 # -- eval mode ------------------------------------------------------------------------------
 def assert_matches_brute_force(model, x, y, modes, clip=None):
-    """Norms and clipped sums equal one backward per sample (float64, relative 1e-10); by
-    default the bound lies between the norms, so some samples are clipped and some are not."""
+    """Norms and clipped sums equal one backward per sample (float64, relative 1e-10; on the
+    test device in the test dtype, tests/device.py); by default the bound lies between the
+    norms, so some samples are clipped and some are not."""
+    x, y = device.place(model, x, y)
     _, ref_norms = reference.clipped_sum(model, x, y, 1.0)
     clip = clip or float(ref_norms.median())
     ref_sums, _ = reference.clipped_sum(model, x, y, clip)
     for mode in modes:
         sums, norms = clip_and_sum(model, x, y, clip, mode=mode)
-        torch.testing.assert_close(norms, ref_norms, rtol=1e-10, atol=0, msg=mode)
+        torch.testing.assert_close(norms, ref_norms, rtol=device.rtol(1e-10), atol=0, msg=mode)
         for name, ref in ref_sums.items():
-            torch.testing.assert_close(sums[name], ref, rtol=1e-10, atol=1e-12, msg=mode)
+            torch.testing.assert_close(
+                sums[name], ref, rtol=device.rtol(1e-10), atol=device.atol(1e-12, ref), msg=mode
+            )
 
 
 class Flat(nn.Module):

@@ -1,4 +1,5 @@
-"""Every clipping mode against the brute-force reference (one backward per sample), float64."""
+"""Every clipping mode against the brute-force reference (one backward per sample), float64
+on the CPU unless DPEXP_TEST_DEVICE / DPEXP_TEST_DTYPE say otherwise (tests/device.py)."""
 
 from __future__ import annotations
 
@@ -15,30 +16,33 @@ from dpexp.clipping.fast import BookKeepingEngine
 from dpexp.clipping.layers import ConvMath, Dims, instantiation_fits, mixed_rule
 from dpexp.clipping.tape import UnsupportedModelError
 from dpexp.models import build_model
-from tests import reference
+from tests import device, reference
 
 FAST = ("bk", "auto", "mixed_ghost", "ghost")
 CLIP = 1.0  # where exactness does not depend on the bound
 
 
 def assert_exact(model, x, y, modes=MODES, weights=None):
-    """Norms and clipped sums of ``modes`` equal the brute force within 1e-6 (relative).
+    """Norms and clipped sums of ``modes`` equal the brute force within 1e-6 (relative; in
+    float32 :data:`tests.device.FLOAT32_RTOL`), on the test device in the test dtype.
 
     The clipping bound lies between the norms, so some samples are clipped and some are not.
+    The model is left on that device in that dtype.
     """
-    model = model.double()
-    x = x.double() if x.is_floating_point() else x
+    x, y = device.place(model, x, y)
+    weights = weights and {n: w.to(device.DEVICE, device.DTYPE) for n, w in weights.items()}
+    tol = device.rtol(1e-6)
     _, ref_norms = reference.clipped_sum(model, x, y, 1.0, weights)
     low, high = ref_norms.sort().values[len(ref_norms) // 2 - 1 : len(ref_norms) // 2 + 1]
     clip = float(low + high) / 2
     ref_sums, _ = reference.clipped_sum(model, x, y, clip, weights)
     for mode in modes:
         sums, norms = clip_and_sum(model, x, y, clip, mode=mode, weights=weights)
-        torch.testing.assert_close(norms, ref_norms, rtol=1e-6, atol=0, msg=mode)
+        torch.testing.assert_close(norms, ref_norms, rtol=tol, atol=0, msg=mode)
         assert set(sums) == set(ref_sums), mode
         for name, ref in ref_sums.items():
-            err = (sums[name] - ref).norm() / ref.norm().clamp_min(1e-300)
-            assert err <= 1e-6, f"{mode}: {name} relative error {err:.2e}"
+            err = (sums[name] - ref).norm() / ref.norm().clamp_min(torch.finfo(ref.dtype).tiny)
+            assert err <= tol, f"{mode}: {name} relative error {err:.2e}"
         assert all(p.grad is None for p in model.parameters()), mode
         assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()), mode
 
@@ -98,13 +102,30 @@ def test_timm_vit_with_cls_token_pos_embed_and_timm_layernorm():
     model = tiny_vit()
     x, y = batch((3, 16, 16), n=3)
     assert_exact(model, x, y, modes=(*FAST, "functorch"))
-    engine = make_engine("bk", model)  # the model is now float64
+    engine = make_engine("bk", model)  # the model is now on the test device, in its dtype
     with engine.attached_to_model():
-        engine.clipped_sum(x.double(), y, CLIP)
+        engine.clipped_sum(*device.place(model, x, y), CLIP)
         expanded = {n for b in engine.tape.broadcasts for n in b.params.values()}
         generic = [layer.name for layer in engine.tape.layers if layer.math is None]
     assert expanded == {"cls_token", "pos_embed"}  # the cheap path passed its probe
     assert generic == []  # timm's LayerNorm computes nn.LayerNorm's function: fast path
+
+
+@pytest.mark.parametrize("mode", FAST)
+def test_fast_modes_under_bf16_autocast_clip_at_the_parameters_precision(mode):
+    """Under autocast a layer's input and output gradient are bfloat16 (the image and the
+    broadcast tokens' gradients float32): the per-sample math runs in float32, so norms and
+    sums are float32 and agree with the float32 step to bfloat16's rounding."""
+    model = tiny_vit()
+    x, y = batch((3, 16, 16), n=3)
+    ref_sums, ref_norms = clip_and_sum(model, x, y, CLIP, mode=mode)
+    with torch.autocast("cpu", torch.bfloat16):
+        sums, norms = clip_and_sum(model, x, y, CLIP, mode=mode)
+    assert norms.dtype == torch.float32
+    assert all(s.dtype == torch.float32 for s in sums.values()), mode
+    torch.testing.assert_close(norms, ref_norms, rtol=5e-2, atol=0)
+    flat, ref = (torch.cat([s[n].flatten() for n in ref_sums]) for s in (sums, ref_sums))
+    assert (flat - ref).norm() <= 5e-2 * ref.norm(), mode
 
 
 class TokenModel(nn.Module):
@@ -205,9 +226,9 @@ def test_layernorm_subclass_with_other_semantics_is_not_taken_for_layernorm():
         model[1].weight.uniform_(0.5, 1.5)
     x, y = batch((2, 6, 6), classes=3)
     assert_exact(model, x, y, modes=FAST)
-    engine = make_engine("bk", model)  # the model is now float64
+    engine = make_engine("bk", model)  # the model is now on the test device, in its dtype
     with engine.attached_to_model():
-        engine.clipped_sum(x.double(), y, CLIP)
+        engine.clipped_sum(*device.place(model, x, y), CLIP)
         assert [layer.name for layer in engine.tape.layers if layer.math is None] == ["1"]
 
 

@@ -14,25 +14,28 @@ from torch import nn
 from dpexp.clipping import MODES, UnsupportedModelError, check_supported, clip_and_sum
 from dpexp.clipping.trace import trace_uses
 from dpexp.models import make_dp_compatible
-from tests import reference
+from tests import device, reference
 
 EXACT_MODES = tuple(m for m in MODES if m != "per_sample")
 
 
 def assert_exact(model: nn.Module, x: torch.Tensor, y: torch.Tensor, modes=EXACT_MODES) -> None:
-    """Every mode's norms and clipped sums equal one backward per sample (float64, 1e-9),
-    with the clipping bound between the norms."""
-    model = model.double()
-    x = x.double()
+    """Every mode's norms and clipped sums equal one backward per sample (float64, 1e-9; on
+    the test device in the test dtype, tests/device.py), with the clipping bound between
+    the norms."""
+    x, y = device.place(model, x, y)
+    tol = device.rtol(1e-9)
     _, norms = reference.clipped_sum(model, x, y, 1e9)
     clip = float(norms.median())
     ref_sums, ref_norms = reference.clipped_sum(model, x, y, clip)
     for mode in modes:
         sums, got = clip_and_sum(model, x, y, clip, mode=mode)
-        torch.testing.assert_close(got, ref_norms, rtol=1e-9, atol=0, msg=mode)
+        torch.testing.assert_close(got, ref_norms, rtol=tol, atol=0, msg=mode)
         for name, ref in ref_sums.items():
-            err = float((sums[name] - ref).norm() / ref.norm().clamp_min(1e-300))
-            assert err <= 1e-9, f"{mode}: {name} relative error {err:.2e}"
+            err = float(
+                (sums[name] - ref).norm() / ref.norm().clamp_min(torch.finfo(ref.dtype).tiny)
+            )
+            assert err <= tol, f"{mode}: {name} relative error {err:.2e}"
 
 
 def scrambled(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -189,7 +192,7 @@ def test_real_timm_models_are_exact_in_every_fast_mode_and_refused_by_hooks(fami
     x, y = torch.randn(3, 3, 16, 16), torch.tensor([0, 1, 2])
     assert_exact(model, x, y)
     with pytest.raises(UnsupportedModelError, match="Opacus"):
-        check_supported(model, "per_sample", x, 3)
+        check_supported(model, "per_sample", device.place(model, x), 3)
 
 
 def test_swin_with_drop_path_is_checked_with_drop_path_on():

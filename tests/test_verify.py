@@ -11,10 +11,12 @@ from dpexp.accounting import Ledger
 from dpexp.clipping import MODES, ExactnessError, make_engine, probe
 from dpexp.clipping.fast import BookKeepingEngine
 from dpexp.clipping.layers import LinearMath
+from dpexp.clipping.verify import tolerance
 from dpexp.errors import UserError
 from dpexp.models import CNNTanh
 from dpexp.privacy.step import GradientStep
 from dpexp.train import run
+from tests import device
 
 
 def cnn() -> nn.Module:
@@ -30,14 +32,34 @@ def batch(n: int = 8, dtype=torch.float32):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("mode", MODES)
 def test_every_exact_engine_passes_well_inside_the_tolerance(mode, dtype):
-    model = cnn().to(dtype)
-    x, y = batch(dtype=dtype)
+    """On the test device (tests/device.py), in both dtypes."""
+    model = cnn().to(device.DEVICE, dtype)
+    x, y = (t.to(device.DEVICE) for t in batch(dtype=dtype))
     engine = make_engine(mode, model)
     with engine.attached_to_model():
         report = probe(engine, x, y, max_grad_norm=None)
     assert report.examples == 8
     assert report.max_norm_error < report.tolerance / 10
     assert report.max_sum_error < report.tolerance / 10
+
+
+def test_float32_on_cuda_with_tf32_is_held_to_float16_tolerance(monkeypatch):
+    """TF32 keeps float16's 10 mantissa bits: the engine and the reference round their
+    products differently, by ~1e-3, which float32's 1e-4 would refuse."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # no CUDA needed to name one
+    precision = torch.get_float32_matmul_precision()
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # torch's default
+    assert tolerance(torch.float32, cuda) == tolerance(torch.float16, cpu) == (1e-2, 1e-3)
+    assert tolerance(torch.float32, cpu) == (1e-4, 1e-6)
+    assert tolerance(torch.float64, cuda) == (1e-9, 1e-12)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert tolerance(torch.float32, cuda) == (1e-4, 1e-6)
+        torch.set_float32_matmul_precision("high")  # TF32 in matrix products
+        assert tolerance(torch.float32, cuda) == (1e-2, 1e-3)
+    finally:
+        torch.set_float32_matmul_precision(precision)
 
 
 def miss_linear_norms(monkeypatch):

@@ -199,7 +199,9 @@ class FastEngine(ClippingEngine):
         finally:
             tape.stop()
         loss = self.loss_fn(out, targets)
-        step = _Step(self, weights or {}, len(inputs), out.dtype, out.device)
+        # squared norms summed in float32 at least (bfloat16 under autocast)
+        norm_dtype = torch.promote_types(out.dtype, torch.float32)
+        step = _Step(self, weights or {}, len(inputs), norm_dtype, out.device)
         # Layers are processed as the backward reaches them (a pre-hook on each output's
         # node), so an output gradient is kept only while its layer's clipped sum needs it.
         # Only the lowest layers (no history below them) and broadcast views are requested
@@ -245,15 +247,16 @@ class FastEngine(ClippingEngine):
         grads.clear()
         for layer in tape.layers:
             layer.calls = []
-        norms = step.finish().sqrt()
-        factors = clip_factors(norms, max_grad_norm)
-        if self.two_pass:
-            sums = self._second_pass(out, out_grad, factors, params, step.weights)
-        else:
-            sums = {}
-            while step.pending:  # each layer's recorded tensors are released once summed
-                name, clipped = step.pending.pop()
-                sums[name] = clipped(factors)
+        with torch.autocast(out.device.type, enabled=False):  # float32 sums, as in _Step._fast
+            norms = step.finish().sqrt()
+            factors = clip_factors(norms, max_grad_norm)
+            if self.two_pass:
+                sums = self._second_pass(out, out_grad, factors, params, step.weights)
+            else:
+                sums = {}
+                while step.pending:  # each layer's recorded tensors are released once summed
+                    name, clipped = step.pending.pop()
+                    sums[name] = clipped(factors)
         sums = {n: sums[n] if n in sums else torch.zeros_like(p) for n, p in params.items()}
         return sums, norms.detach(), loss.detach()
 
@@ -326,26 +329,34 @@ class _Step:
                 for local, full in layer.params.items():
                     self.instantiated(full, grads[local])
             else:
-                self._fast(layer, call, g)
+                with torch.autocast(g.device.type, enabled=False):  # see _fast
+                    self._fast(layer, call, g)
         call.release()  # the input lives on only in queued ghost sums
 
     def _fast(self, layer: Layer, call: Call, g: torch.Tensor) -> None:
         layer_math, module, engine = layer.math, layer.module, self.engine
+        # At the parameters' precision, autocast off (``process``): under autocast a layer's
+        # input and output gradient may be bfloat16 (or differ from each other); its
+        # per-sample norms and clipped sum are then computed in float32 from them, consistent
+        # with each other. A no-op (no copy) where the dtypes already agree.
+        dtype = getattr(module, next(iter(layer.params))).dtype
+        x = call.x.to(dtype) if call.x.is_floating_point() else call.x
+        g = g.to(dtype)
         for local, full in layer.params.items():
             # a weighted or repeatedly called parameter needs its per-sample gradient
             method = default_method(layer, g.shape[2:])
             if len(layer.calls) == 1 and full not in self.weights:
-                method = engine._strategy(layer, local, call.x, g)
+                method = engine._strategy(layer, local, x, g)
             if method == "ghost" or method.startswith(NORM_ONLY):
                 if method == "ghost":
-                    self.sq += layer_math.ghost_sq_norm(module, call.x, g)
+                    self.sq += layer_math.ghost_sq_norm(module, x, g)
                 else:
                     how = method.removeprefix(NORM_ONLY)
-                    self.sq += layer_math.per_sample_sq_norm(module, call.x, g, local, how)
+                    self.sq += layer_math.per_sample_sq_norm(module, x, g, local, how)
                 if not engine.two_pass:
-                    self.pending.append((full, _ghost_sum(layer, local, call.x, g)))
+                    self.pending.append((full, _ghost_sum(layer, local, x, g)))
             else:
-                self.instantiated(full, layer_math.per_sample(module, call.x, g, local, method))
+                self.instantiated(full, layer_math.per_sample(module, x, g, local, method))
 
     def instantiated(self, full: str, per: torch.Tensor) -> None:
         so_far = self.per_sample.get(full)
@@ -358,7 +369,9 @@ class _Step:
                 per = per * self.weights[full]
             self.sq += squared_norms(per)
             if not self.engine.two_pass:
-                self.pending.append((full, lambda c, per=per: torch.tensordot(c, per, dims=1)))
+                # (torch.func's per-sample gradients may be bfloat16 under autocast)
+                sum_ = lambda c, per=per: torch.tensordot(c.to(per.dtype), per, dims=1)  # noqa: E731
+                self.pending.append((full, sum_))
         self.per_sample = {}
         return self.sq
 
@@ -403,6 +416,8 @@ def _time_path(layer: Layer, local: str, x: torch.Tensor, g: torch.Tensor, path:
     """Seconds for the norm and the clipped sum of one parameter by ``path``."""
     layer_math, module = layer.math, layer.module
     factors = torch.ones(len(x), dtype=g.dtype, device=g.device)
+    if g.is_cuda:  # kernels run asynchronously: time them, not their launches
+        torch.cuda.synchronize(g.device)
     start = time.perf_counter()
     if path == "ghost":
         layer_math.ghost_sq_norm(module, x, g)
@@ -414,6 +429,8 @@ def _time_path(layer: Layer, local: str, x: torch.Tensor, g: torch.Tensor, path:
         per = layer_math.per_sample(module, x, g, local, path)
         squared_norms(per)
         torch.tensordot(factors, per, dims=1)
+    if g.is_cuda:
+        torch.cuda.synchronize(g.device)
     return time.perf_counter() - start
 
 

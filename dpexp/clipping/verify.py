@@ -5,7 +5,9 @@ examples of the first batch, and by ``check_supported`` on random inputs before 
 Any engine gets it for free: it only calls ``engine.clipped_sum``. A mismatch beyond what
 the dtype's rounding explains refuses the run, naming the parameters whose sums differ, so
 that a model that breaks an engine's assumptions in a way nobody listed fails loudly
-instead of leaking.
+instead of leaking. The tolerance is the dtype's (:func:`tolerance`); float32 on CUDA with
+TF32 in effect (cuDNN's default for convolutions) is held to float16's, since TF32 keeps
+float16's 10 mantissa bits: the norms that clip are then that accurate, not float32's.
 
 What is compared, per probed example i and parameter p, with reference gradients g_i from
 ``autograd.grad`` of that example's loss alone:
@@ -44,6 +46,24 @@ TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 3e-2, tor
 # softmax) is rounding noise in both computations (measured 5e-17 of the whole in float32).
 FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-3}
 STOCHASTIC = ("DropPath", "DropBlock2d", "DropBlock")
+
+
+def tf32_in_effect(device: torch.device) -> bool:
+    """Whether float32 matrix products or convolutions on ``device`` may round to TF32 (10
+    mantissa bits, as float16): CUDA with cuDNN's ``allow_tf32`` (torch's default) or a
+    float32 matmul precision below "highest"."""
+    return device.type == "cuda" and (
+        torch.backends.cudnn.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+    )
+
+
+def tolerance(dtype: torch.dtype, device: torch.device) -> tuple[float, float]:
+    """``(relative tolerance, floor share)`` of the probe for the rounding in effect: float32
+    on CUDA with TF32 rounds the engine's and the reference's products differently (~1e-3),
+    and is held to float16's tolerance, which has the same mantissa."""
+    if dtype == torch.float32 and tf32_in_effect(device):
+        dtype = torch.float16
+    return TOLERANCE.get(dtype, 1e-4), FLOOR.get(dtype, 1e-6)
 
 
 class ExactnessError(UserError):
@@ -128,7 +148,7 @@ def probe(
         if max_grad_norm is None:
             max_grad_norm = float(ref_norms.median().clamp_min(torch.finfo(ref_norms.dtype).tiny))
         sums, norms, _ = engine.clipped_sum(inputs, targets, max_grad_norm, weights)
-    tolerance = TOLERANCE.get(ref_norms.dtype, 1e-4)
+    tol, floor_share = tolerance(ref_norms.dtype, ref_norms.device)
     scale = ref_norms.max().clamp(max=max_grad_norm) if len(ref_norms) else ref_norms.sum()
     norm_errors = (norms.to(ref_norms) - ref_norms).abs() / torch.maximum(ref_norms, scale).clamp(
         min=torch.finfo(ref_norms.dtype).tiny
@@ -136,7 +156,7 @@ def probe(
     factors = clip_factors(ref_norms, max_grad_norm)
     clipped = {n: g * factors.view(-1, *[1] * (g.dim() - 1)) for n, g in grads.items()}
     sizes = {n: c.flatten(1).norm(dim=1).sum() for n, c in clipped.items()}
-    floor = FLOOR.get(ref_norms.dtype, 1e-6) * sum(sizes.values())
+    floor = floor_share * sum(sizes.values())
     sum_errors = {}
     for name, c in clipped.items():
         engine_sum = sums.get(name, torch.zeros_like(c[0]))
@@ -146,17 +166,17 @@ def probe(
         examples=len(targets),
         max_norm_error=float(norm_errors.max()) if len(norm_errors) else 0.0,
         max_sum_error=max(sum_errors.values(), default=0.0),
-        tolerance=tolerance,
+        tolerance=tol,
         seconds=round(time.perf_counter() - start, 4),
     )
-    wrong = sorted(n for n, e in sum_errors.items() if not e <= tolerance)
-    if wrong or not report.max_norm_error <= tolerance:
+    wrong = sorted(n for n, e in sum_errors.items() if not e <= tol)
+    if wrong or not report.max_norm_error <= tol:
         shown = ", ".join(wrong[:5]) + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else "")
         raise ExactnessError(
             f"clipping.mode={engine.mode!r} is not exact for this model: on {report.examples} "
             f"examples its per-sample norms differ from one backward per example by up to "
             f"{report.max_norm_error:.2g} (relative) and its clipped sums by up to "
-            f"{report.max_sum_error:.2g}, tolerance {tolerance:g}; parameters that differ: "
+            f"{report.max_sum_error:.2g}, tolerance {tol:g}; parameters that differ: "
             f"{shown or 'none (the norms alone)'}; try clipping=functorch"
         )
     return report

@@ -134,7 +134,11 @@ class GradientStep:
                     sums[n] += g
             norms.append(chunk_norms.detach())
             loss = loss + chunk_loss.detach().cpu()
-        sums = {n: sums[n] if sums and n in sums else torch.zeros_like(p) for n, p in params}
+        # In the parameter's dtype before the noise: an engine run under autocast sums in
+        # bfloat16, and the noise must be drawn and added at the parameter's precision.
+        sums = {
+            n: sums[n].to(p.dtype) if sums and n in sums else torch.zeros_like(p) for n, p in params
+        }
         injected = self.injected_gradients(self.steps, weights) if self.injected_gradients else ()
         for per_sample in injected:
             for n, g in clip_materialized(per_sample, self.max_grad_norm, weights)[0].items():
