@@ -16,7 +16,7 @@ from torch import nn
 
 from dpexp.accounting import ACCOUNTANTS
 from dpexp.clipping import MODES, ExactnessError, UnsupportedModelError, check_supported
-from dpexp.data import DATASETS, TORCHVISION, DataModule
+from dpexp.data import DATASETS, TORCHVISION, DataModule, datamodule_kwargs
 from dpexp.errors import ConfigError, UserError
 from dpexp.methods import build_methods
 from dpexp.models import BUILDERS
@@ -70,16 +70,7 @@ def validate_dataset(cfg: DictConfig) -> DataModule:
     else:
         _positive_int(cfg, "dataset.size", optional=False)
         _positive_int(cfg, "dataset.num_classes", optional=False)
-    public = _get(cfg, "dataset.public_size") or 0
-    dm_kwargs = {
-        k: v
-        for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items()
-        if k != "_target_"
-    }
-    dm = DataModule(**dm_kwargs)
-    full = dm._full_sizes[0]
-    if isinstance(public, bool) or not isinstance(public, int) or not 0 <= public < full:
-        _fail("dataset.public_size", public, f"an integer in [0, {full})")
+    dm = DataModule(**datamodule_kwargs(cfg))  # checks public.source and public.size
     if cfg.dataset.batch_size > dm.num_private:
         _fail(
             "dataset.batch_size",
@@ -87,6 +78,26 @@ def validate_dataset(cfg: DictConfig) -> DataModule:
             f"at most the private training set size {dm.num_private}",
         )
     return dm
+
+
+def validate_pretrain(cfg: DictConfig, dm: DataModule) -> None:
+    """``pretrain.*``: epochs >= 0, a positive batch size and lr (or null), public data."""
+    epochs = _get(cfg, "pretrain.epochs")
+    if epochs is None:
+        return
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        _fail("pretrain.epochs", epochs, "an integer >= 0")
+    _positive_int(cfg, "pretrain.batch_size", optional=False)
+    lr = _number(cfg, "pretrain.lr")
+    if lr is not None and not 0 < lr < math.inf:
+        _fail("pretrain.lr", lr, "a finite number > 0, or null for the optimizer's lr")
+    if epochs and dm.public_size == 0:
+        _fail(
+            "pretrain.epochs",
+            epochs,
+            "needs public data but public.source='none': set public.source (heldout, digits "
+            "or a dataset) and public.size; training on private data here would not be private",
+        )
 
 
 def validate_privacy(cfg: DictConfig, num_private: int) -> None:
@@ -226,6 +237,7 @@ def validate(cfg: DictConfig) -> DataModule:
         _fail("seed", seed, "an integer >= 0")
     _choice(cfg, "model.name", tuple(BUILDERS))
     dm = validate_dataset(cfg)
+    validate_pretrain(cfg, dm)
     validate_privacy(cfg, dm.num_private)
     validate_clipping(cfg, validate_model(cfg), tuple(dm.image_shape))
     validate_trainer(cfg)
