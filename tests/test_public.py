@@ -100,6 +100,17 @@ def test_digits_are_a_public_set_of_their_own_mapped_to_the_private_shape():
     assert "digits (1×8×8, pixels in [0, 1]) → 1×16×16" in fields["public_data"]
 
 
+def test_digits_without_scikit_learn_is_refused_before_anything_runs(tiny_cfg, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a)
+    )
+    with pytest.raises(ConfigError, match=r"public\.source='digits' .*needs scikit-learn"):
+        validate(tiny_cfg("public.source=digits"))
+
+
 # -- pretraining -------------------------------------------------------------------------
 def tiny_model() -> nn.Module:
     torch.manual_seed(0)

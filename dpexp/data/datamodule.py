@@ -120,6 +120,9 @@ class DataModule(L.LightningDataModule):
         return max(1, round(self.num_private / self.batch_size))
 
     def locate(self) -> Path | None:
+        """The private dataset's root; a missing private or public source fails here, with
+        one line, before anything is written."""
+        P.check_available(self.public_source, self.root)
         return None if self.name == "synthetic" else locate(self.name, self.root)
 
     def setup(self, stage: str | None = None) -> None:

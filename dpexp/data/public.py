@@ -84,15 +84,25 @@ def public_count(
     return most if size is None else size
 
 
+def check_available(source: str, root: str | Path) -> None:
+    """An external source can be read: scikit-learn installed, a dataset's files found."""
+    if source == DIGITS:
+        import importlib.util
+
+        if importlib.util.find_spec("sklearn") is None:
+            raise ConfigError(
+                "public.source='digits' is invalid here: it needs scikit-learn "
+                "(pip install scikit-learn), which is not installed"
+            )
+    elif source in TORCHVISION:
+        locate(source, root)
+
+
 def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's 8×8 digits as N×1×8×8 in [0, 1] (ink bright, as in MNIST) and labels."""
-    try:
-        from sklearn.datasets import load_digits as sklearn_digits
-    except ImportError as exc:
-        raise ConfigError(
-            "public.source='digits' needs scikit-learn (pip install scikit-learn): "
-            f"{type(exc).__name__}: {exc}"
-        ) from None
+    check_available(DIGITS, ".")
+    from sklearn.datasets import load_digits as sklearn_digits
+
     digits = sklearn_digits()
     x = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     return x, torch.as_tensor(digits.target, dtype=torch.long)
