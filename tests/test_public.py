@@ -273,3 +273,28 @@ def test_rescale_restores_the_output_variance_of_every_pruned_layer(scorer):
     for before, off, on in zip(unpruned, variances[False], variances[True], strict=True):
         assert float(on / before) == pytest.approx(1.0, abs=0.1)
         assert float(off / before) < 0.5  # without it the signal shrinks
+
+
+# -- the closeness study: every job of its grid composes, with public data where it needs it --
+def test_every_job_of_the_closeness_grid_composes_with_valid_public_and_method_settings(tmp_path):
+    import itertools
+
+    from dpexp import tables
+    from dpexp.data import datamodule_kwargs
+    from dpexp.methods import build_methods
+    from tests.conftest import compose_config
+
+    jobs = 0
+    for sweep in tables.TABLES["closeness"].sweeps:
+        axes = [[f"{k}={v}" for v in a.split("=", 1)[1].split(",")] if "," in a else [a]
+                for a in sweep.args for k in [a.split("=", 1)[0]]]  # fmt: skip
+        for overrides in itertools.product(*axes, ["privacy.epsilon=1", "privacy.epsilon=3"]):
+            cfg = compose_config(tmp_path, *overrides)
+            dm = DataModule(**datamodule_kwargs(cfg))
+            methods = build_methods(cfg)
+            assert (dm.public_size > 0) == (cfg.public.source != "none")
+            assert cfg.pretrain.epochs == (10 if dm.public_size else 0)
+            assert dm.public_size in (0, 1797)
+            jobs += 1
+            assert all(m.scorer == "public_grad" for m in methods) or not dm.public_size
+    assert jobs == 2 * 2 * (3 * (1 + 2 + 2) + 1 + 2 + 2)  # datasets × ε × (public + none rows)
