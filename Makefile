@@ -7,7 +7,7 @@ ARGS ?=
 SWEEP ?= pruning_eps
 TABLE ?= pruning_tradeoff
 
-.PHONY: install train test lint format bench sweep report reproduce audit clean
+.PHONY: install train test lint format bench sweep report reproduce audit audit-table clean
 
 install: $(STAMP)
 
@@ -23,6 +23,10 @@ train: install
 # Canary audit of the configured method and clipping mode: one JSON line (docs/audit.md).
 audit: install
 	$(BIN)/python -m dpexp.audit $(ARGS)
+
+# The audit table (docs/results/audit.md): honest runs and two planted bugs, input canaries.
+audit-table: install
+	$(BIN)/python scripts/audit_table.py $(ARGS)
 
 test: install lint
 	$(BIN)/python -m pytest $(ARGS)

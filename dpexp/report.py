@@ -1,10 +1,13 @@
-"""Collect a sweep's jobs into a table and plots.
+"""Collect a sweep's jobs into a table and plots, or plot one run's logged metrics.
 
 python -m dpexp.report multirun/<sweep> [--out DIR]
+python -m dpexp.report <run dir> [--out DIR]
 
-Writes ``results.csv`` and ``results.parquet`` (one row per job, finished or not), three PNG
-plots and ``summary.md`` into ``DIR`` (default ``<sweep>/report``), and prints the summary.
-Jobs without a complete ``result.json`` (killed, failed, never started) are listed, not dropped.
+A sweep: writes ``results.csv`` and ``results.parquet`` (one row per job, finished or not),
+three PNG plots and ``summary.md`` into ``DIR`` (default ``<sweep>/report``), and prints the
+summary. Jobs without a complete ``result.json`` (killed, failed, never started) are listed,
+not dropped. A run dir (one holding ``csv/metrics.csv``): ``metrics.png``, each logged metric
+over the optimizer steps, into ``DIR`` (default ``<run dir>/report``).
 """
 
 from __future__ import annotations
@@ -169,8 +172,7 @@ def aggregate(done: pd.DataFrame, by: list[str]) -> pd.DataFrame:
         epsilon_spent=("epsilon", "mean"),
         trainable_fraction=("trainable_fraction", "mean"),
     )
-    out["test_acc_std"] = out["test_acc_std"].fillna(0.0)  # one seed: no spread
-    return out.reset_index()
+    return out.reset_index()  # one seed: no spread (std NaN, shown as –)
 
 
 def _label(key: str, value: Any) -> str:
@@ -185,7 +187,7 @@ def plot_acc_vs_epsilon(done: pd.DataFrame, line: str | None, path: Path) -> Non
         part = part.sort_values("target_epsilon")
         label = _label(line, value) if line else "all jobs"
         ax.errorbar(
-            part["target_epsilon"], part["test_acc_mean"], yerr=part["test_acc_std"],
+            part["target_epsilon"], part["test_acc_mean"], yerr=part["test_acc_std"].fillna(0.0),
             marker="o", capsize=3, label=label,
         )  # fmt: skip
     ax.set_xscale("log")
@@ -215,8 +217,9 @@ def plot_acc_vs_fraction(done: pd.DataFrame, line: str | None, path: Path) -> No
     for eps, part in agg.groupby("target_epsilon", dropna=False):
         part = part.sort_values("trainable_fraction")
         ax.errorbar(
-            part["trainable_fraction"], part["test_acc_mean"], yerr=part["test_acc_std"],
-            marker="o", capsize=3, label=f"ε={eps:g}" if not pd.isna(eps) else "non-private",
+            part["trainable_fraction"], part["test_acc_mean"],
+            yerr=part["test_acc_std"].fillna(0.0), marker="o", capsize=3,
+            label=f"ε={eps:g}" if not pd.isna(eps) else "non-private",
         )  # fmt: skip
     ax.set_xlabel("trainable fraction (parameters updated)")
     ax.set_ylabel("test accuracy (mean ± std over seeds)")
@@ -330,14 +333,47 @@ def summarize(df: pd.DataFrame, out: Path) -> str:
     return text
 
 
+RUN_METRICS = Path("csv") / "metrics.csv"  # the csv logger's file in a run dir
+
+
+def plot_run(run_dir: Path, out: Path) -> Path:
+    """One panel per metric the run logged during training (ε, update norm, learning rate,
+    private statistics if logged), over the optimizer step; returns the PNG's path."""
+    metrics = pd.read_csv(run_dir / RUN_METRICS)
+    columns = [c for c in metrics.columns if c not in ("epoch", "step")
+               and not c.startswith(("result/", "test/")) and metrics[c].notna().any()]  # fmt: skip
+    if not columns:
+        raise UserError(f"{run_dir / RUN_METRICS} holds no training metrics to plot")
+    fig, axes = plt.subplots(len(columns), 1, figsize=(6, 2.2 * len(columns)), dpi=120,
+                             sharex=True, squeeze=False)  # fmt: skip
+    for ax, column in zip(axes[:, 0], columns, strict=True):
+        points = metrics[["step", column]].dropna()
+        ax.plot(points["step"], points[column], marker="." if len(points) < 50 else None)
+        ax.set_ylabel(column, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("optimizer step")
+    result = read_result(run_dir) or {}
+    if "test_acc" in result:
+        axes[0, 0].set_title(f"{run_dir.name}: test_acc={result['test_acc']:.4f}", fontsize=9)
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / "metrics.png")
+    plt.close(fig)
+    return out / "metrics.png"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sweep_dir", type=Path, help="a multirun dir, e.g. multirun/eps_seed")
-    parser.add_argument("--out", type=Path, default=None, help="default: <sweep_dir>/report")
+    parser.add_argument("sweep_dir", type=Path, help="a multirun dir or one run's dir")
+    parser.add_argument("--out", type=Path, default=None, help="default: <dir>/report")
     args = parser.parse_args(argv)
     try:
+        out = args.out or args.sweep_dir / "report"
+        if (args.sweep_dir / RUN_METRICS).is_file():
+            print(f"written: {plot_run(args.sweep_dir, out)}")
+            return
         df = collect(args.sweep_dir)
-        print(summarize(df, args.out or args.sweep_dir / "report"))
+        print(summarize(df, out))
     except UserError as exc:
         print(f"dpexp.report: error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -8,8 +8,9 @@ finished job found in ``multirun/`` is then kept under ``docs/results/<table>/``
 ``result.json`` and ``job.json``, a few kB, meant to be committed) with a ``results.csv`` of
 all of them, and ``docs/results/tables/<table>.md`` is written from those kept results: the
 command, hardware, epochs, deviations from the paper, and one row per table cell with our
-mean ± std over seeds, the published number (or n/a) and the difference. Without ``--run`` and
-without ``multirun/``, the page is regenerated from the committed results alone.
+mean over n seeds (± std where n ≥ 2), the published number (or n/a) and the difference.
+Without ``--run`` and without ``multirun/``, the page is regenerated from the committed
+results alone.
 """
 
 from __future__ import annotations
@@ -334,7 +335,7 @@ def collect(
 
 
 def merge(table: PaperTable, done: pd.DataFrame) -> pd.DataFrame:
-    """One row per cell: ours (mean ± std over seeds), published, difference.
+    """One row per cell: ours (mean and std over its ``seeds``), published, difference.
 
     Any other override that varies among the jobs (e.g. a wider model run into the same sweep
     dir) becomes a column too, so such jobs get their own rows instead of being averaged in."""
@@ -349,7 +350,7 @@ def merge(table: PaperTable, done: pd.DataFrame) -> pd.DataFrame:
     for extra in ("epsilon", "epsilon_paper", "acceptance_rate", "epochs", "mem_ratio"):
         if extra in done:
             out[extra] = grouped[extra].mean().to_numpy()
-    out["ours_std"] = out["ours_std"].fillna(0.0)
+    # one seed: std stays NaN (no spread is printed for it, see document)
     out["published"] = [
         table.published.get(tuple(row[k] for k in keys), float("nan")) for _, row in out.iterrows()
     ]
@@ -375,12 +376,20 @@ def _cell(value: object, digits: int = 2) -> str:
     return str(value)
 
 
+def ours_cell(mean: float, std: float, n: int) -> str:
+    """Mean over ``n`` seeds, with the spread only where there is one (n ≥ 2)."""
+    spread = f" ± {std:.2f}" if n >= 2 and not pd.isna(std) else ""
+    return f"{mean:.2f}{spread} (n={n})"
+
+
 def document(name: str, table: PaperTable, merged: pd.DataFrame, missing: list[str],
              overrides: list[str]) -> str:  # fmt: skip
     """The Markdown page for docs/results/tables/<name>.md."""
     unit = "%" if table.scale == 100 else "×"
     metric = f"{table.metric} ({unit})"
-    cols = [c for c in merged.columns if c not in ("ours", "ours_std", "published", "diff")]
+    # n (the seeds) is printed in each "ours" cell, not as a column of its own
+    cols = [c for c in merged.columns
+            if c not in ("ours", "ours_std", "seeds", "published", "diff")]  # fmt: skip
     header = [*cols, f"ours: {metric}", "published", "ours − published"]
     lines = [
         f"# {table.title}", "",
@@ -408,10 +417,10 @@ def document(name: str, table: PaperTable, merged: pd.DataFrame, missing: list[s
         "|" + "---|" * len(header),
     ]
     for _, row in merged.iterrows():
-        ours = f"{row['ours']:.2f} ± {row['ours_std']:.2f}"
+        ours = ours_cell(row["ours"], row["ours_std"], int(row["seeds"]))
         short = table.paper_epochs and row.get("epochs", table.paper_epochs) < table.paper_epochs
         if short:  # marked in the cell itself, not only in the epochs line
-            ours += f" ({row['epochs']:.0f} of {table.paper_epochs} epochs)"
+            ours = ours[:-1] + f", {row['epochs']:.0f} of {table.paper_epochs} epochs)"
         cells = [_cell(row[c], DIGITS[c]) if c in DIGITS else _key_cell(row[c]) for c in cols]
         cells += [ours, _cell(row["published"]), _cell(row["diff"])]
         lines.append("| " + " | ".join(cells) + " |")

@@ -65,6 +65,16 @@ def register_resolvers() -> None:
 register_resolvers()
 
 
+def logger_configs(cfg: DictConfig) -> dict[str, DictConfig]:
+    """The configured loggers by name (``logger.<name>``; ``logger.private_stats`` is a
+    setting, not a logger)."""
+    return {
+        str(name): node
+        for name, node in (cfg.get("logger") or {}).items()
+        if isinstance(node, DictConfig) and "_target_" in node
+    }
+
+
 def log_config(loggers: Sequence[Logger], cfg: DictConfig) -> None:
     """Log the resolved config as hyperparameters (W&B config, hparams.yaml, TensorBoard)."""
     if not loggers:

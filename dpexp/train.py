@@ -10,7 +10,6 @@ import os
 import sys
 import time
 import traceback
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +26,14 @@ from hydra.experimental.callback import Callback as HydraCallback
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from dpexp import pretrain, sweep, tracking, tuning
+from dpexp import pretrain, progress, quiet, sweep, tracking, tuning
 from dpexp.averaging import ParameterEMA
 from dpexp.data import public_kwargs
 from dpexp.errors import UserError
 from dpexp.methods import build_methods
 from dpexp.models import RUN_WEIGHTS, init_fields, save_weights
 from dpexp.module import Classifier
-from dpexp.privacy import PrivacyCallback
+from dpexp.privacy import PLAN_FILE, PrivacyCallback
 from dpexp.privacy.settings import privacy_settings
 from dpexp.results import RESULT_FILE, config_hash, git_sha, read_result, write_json_atomic
 from dpexp.validate import check_checkpoint, validate
@@ -42,25 +41,12 @@ from dpexp.validate import check_checkpoint, validate
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 log = logging.getLogger(__name__)
 
-# Known, harmless library warnings that would otherwise bury the progress bar.
-for message in (
-    "Full backward hook is firing when gradients are computed with respect to module outputs",
-    "Optimal order is the largest alpha",
-    ".*isinstance.treespec, LeafSpec. is deprecated",
-    "The number of training batches .* is smaller than the logging interval",
-    # Step checkpoints hold the state after the step, as resume needs (docs/reliability.md);
-    # the Poisson sampler resumes mid-epoch through DataModule.state_dict.
-    "Using ModelCheckpoint with manual optimization and every_n_train_steps",
-    "You're resuming from a checkpoint that ended before the epoch ended",
-    # conf/hydra/launcher/ray.yaml sets the Ray plugin's own `ray` launcher config (same name):
-    # Hydra 1.3 merges the file onto the plugin's schema, as intended, and warns.
-    r"\s*'hydra/launcher/ray' is validated against ConfigStore schema with the same name",
-):
-    warnings.filterwarnings("ignore", message=message)
+quiet.install()  # known, harmless third-party messages (dpexp/quiet.py)
 
 
 def build(cfg: DictConfig, output_dir: Path):
     """Instantiate data, model, methods, privacy callback, module and trainer from ``cfg``."""
+    progress.enable(bool(OmegaConf.select(cfg, "trainer.enable_progress_bar", default=True)))
     datamodule = instantiate(cfg.dataset, **public_kwargs(cfg))
     model = instantiate(cfg.model)
     if (features := getattr(model, "fixed_features", None)) is not None:
@@ -80,6 +66,7 @@ def build(cfg: DictConfig, output_dir: Path):
         verify=bool(cfg.clipping.get("verify", True)),
         secure_noise=bool(cfg.privacy.get("secure_noise")),
         settings=privacy_settings(cfg),
+        plan_file=output_dir / PLAN_FILE,
     )
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     module = Classifier(
@@ -87,14 +74,9 @@ def build(cfg: DictConfig, output_dir: Path):
     )
     extra = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
     callbacks = [*methods, privacy, *extra]  # callbacks.<name>=null turns one off
-    loggers = [instantiate(c) for c in logger_nodes(cfg)]
+    loggers = [instantiate(c) for c in tracking.logger_configs(cfg).values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return datamodule, module, privacy, methods, trainer
-
-
-def logger_nodes(cfg: DictConfig) -> list[DictConfig]:
-    """The configured loggers (``logger.<name>``; ``logger.private_stats`` is a setting)."""
-    return [c for c in (cfg.logger or {}).values() if isinstance(c, DictConfig) and "_target_" in c]
 
 
 def private_stats_logged(cfg: DictConfig) -> bool:
@@ -286,7 +268,21 @@ def hydra_main(cfg: DictConfig) -> float | None:
         tracking.finish_wandb()  # multirun jobs sharing a process must not share a W&B run
     print(f"{'skipped, already complete' if finished else 'run dir'}: {output_dir}")
     print(summary_line(result))
+    print(metrics_line(output_dir, sweep.in_multirun()))
     return result["test_acc"]
+
+
+def metrics_line(output_dir: Path, multirun: bool = False) -> str:
+    """Where the run's logged metrics are, and the one command that plots them."""
+    csv, board = output_dir / "csv" / "metrics.csv", output_dir / "tensorboard"
+    if multirun:  # the sweep's report collects every job
+        where = f"metrics: {csv}" if csv.is_file() else f"result: {output_dir / RESULT_FILE}"
+        return f"{where}; plot the sweep: python -m dpexp.report {output_dir.parent}"
+    if csv.is_file():
+        return f"metrics: {csv}; plot them: python -m dpexp.report {output_dir}"
+    if board.is_dir():
+        return f"metrics: {board}; plot them: tensorboard --logdir {board}"
+    return f"metrics: none logged besides {output_dir / RESULT_FILE} (no csv logger)"
 
 
 def _debug() -> bool:

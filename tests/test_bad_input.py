@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
 from torch import nn
 
 import dpexp.data.sources
@@ -81,6 +82,15 @@ def _no_dataset(work: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return [f"dataset.root={work / 'empty'}"]
 
 
+def _empty_root_beside_mirror(work: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """dataset=mnist, dataset.root an empty folder, the mirror (MIRROR) holding MNIST/raw/"""
+    (work / "empty").mkdir()
+    (work / "mirror" / "MNIST" / "raw").mkdir(parents=True)
+    (work / "mirror" / "MNIST" / "raw" / "train-images-idx3-ubyte").write_bytes(b"")
+    monkeypatch.setattr(dpexp.data.sources, "MIRROR", work / "mirror")
+    return [f"dataset.root={work / 'empty'}"]
+
+
 class _DroppedScale(nn.Module):
     """A learned scale with dropout inside its own forward: only a replay could give its
     per-sample gradients, and a replay cannot draw the same dropout mask."""
@@ -101,6 +111,24 @@ def _dropout_in_generic_layer(image_shape, num_classes, **_) -> nn.Module:
 def _unclippable_model(work: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """a module with a learned scale and dropout in its own forward"""
     monkeypatch.setitem(BUILDERS, "cnn_tanh", _dropout_in_generic_layer)
+    return []
+
+
+def _reflect_padded(image_shape, num_classes, **_) -> nn.Module:
+    conv = nn.Conv2d(image_shape[0], 4, 3, padding=1, padding_mode="reflect")
+    return nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(4 * 16 * 16, num_classes))
+
+
+def _reflect_padded_model(work: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """the model's first layer is a Conv2d with padding_mode='reflect'"""
+    monkeypatch.setitem(BUILDERS, "cnn_tanh", _reflect_padded)
+    return []
+
+
+def _no_gpu(work: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """a machine without a GPU (Lightning sees neither CUDA nor MPS)"""
+    for accelerator in (CUDAAccelerator, MPSAccelerator):
+        monkeypatch.setattr(accelerator, "is_available", staticmethod(lambda: False))
     return []
 
 
@@ -177,8 +205,74 @@ CASES = [
         ("clipping=bk",), r"clipping\.mode='bk' .*random operation.*functorch", _unclippable_model,
     ),
     Case(
+        "clipping_reference_blind_spot",
+        "clipping=per_sample on a layer Opacus' hooks get wrong (reflect padding)",
+        ("clipping=per_sample",),
+        r"clipping\.mode='per_sample' .*'0' \(Conv2d\): padding_mode='reflect' .*"
+        r"use clipping=functorch or auto, exact for it$",
+        _reflect_padded_model,
+    ),
+    Case(
         "epochs_zero", "no step planned", ("trainer.max_epochs=0",),
         r"trainer\.max_epochs=0 .*positive integer",
+    ),
+    Case(
+        "lr_negative", "learning rate < 0", ("optimizer.lr=-1",),
+        r"^optimizer\.lr=-1 is invalid: torch\.optim\.SGD refused it "
+        r"\(Invalid learning rate: -1\)$",
+    ),
+    Case(
+        "momentum_negative", "momentum < 0", ("optimizer.momentum=-3",),
+        r"^optimizer\.momentum=-3 is invalid: torch\.optim\.SGD refused it "
+        r"\(Invalid momentum value: -3\)$",
+    ),
+    Case(
+        "adam_beta", "Adam β₁ ≥ 1", ("optimizer=adam", "+optimizer.betas=[1.5,0.9]"),
+        r"^optimizer\.betas=\[1\.5, 0\.9\] is invalid: torch\.optim\.Adam refused it "
+        r"\(Invalid beta parameter at index 0: 1\.5\)$",
+    ),
+    Case(
+        "accelerator_absent", "trainer on a GPU the machine does not have",
+        ("trainer.accelerator=gpu",),
+        r"^trainer\.accelerator='gpu' is invalid: lightning\.Trainer refused it "
+        r"\(No supported gpu backend found!\)$",
+        _no_gpu,
+    ),
+    Case(
+        "trainer_unknown_option", "misspelt Trainer argument", ("+trainer.max_epoch=3",),
+        r"^trainer\.max_epoch=3 is invalid: lightning\.Trainer refused it "
+        r"\(.*unexpected keyword argument 'max_epoch'\)$",
+    ),
+    Case(
+        "scheduler_horizon_zero", "cosine schedule over 0 steps",
+        ("scheduler=cosine", "scheduler.T_max=0"),
+        r"^scheduler is invalid: torch\.optim\.lr_scheduler\.CosineAnnealingLR refused its "
+        r"settings \(integer modulo by zero\)$",
+    ),
+    Case(
+        "scheduler_unknown_option", "an option the scheduler does not have",
+        ("scheduler=cosine", "+scheduler.warmup_steps=100"),
+        r"^scheduler\.warmup_steps=100 is invalid: torch\.optim\.lr_scheduler\."
+        r"CosineAnnealingLR refused it \(.*unexpected keyword argument 'warmup_steps'\)$",
+    ),
+    Case(
+        "checkpoint_interval_negative", "checkpoint every −1 steps",
+        ("callbacks.step_checkpoint.every_n_train_steps=-1",),
+        r"^callbacks\.step_checkpoint\.every_n_train_steps=-1 is invalid: "
+        r"lightning\.pytorch\.callbacks\.ModelCheckpoint refused it "
+        r"\(Invalid value for every_n_train_steps=-1\. Must be >= 0\)$",
+    ),
+    Case(
+        "logger_unknown_option", "an option the CSV logger does not have",
+        ("logger=csv", "+logger.csv.flush_every=10"),
+        r"^logger\.csv\.flush_every=10 is invalid: lightning\.pytorch\.loggers\.CSVLogger "
+        r"refused it \(.*unexpected keyword argument 'flush_every'\)$",
+    ),
+    Case(
+        "wandb_offline_log_model", "W&B offline but asked to upload checkpoints",
+        ("logger=wandb", "logger.wandb.offline=true", "logger.wandb.log_model=true"),
+        r"^logger\.wandb is invalid: lightning\.pytorch\.loggers\.WandbLogger refused its "
+        r"settings \(Providing log_model=True and offline=True is an invalid configuration",
     ),
     Case(
         "pruning_rate_one", "pruning rate 1 (nothing trains)",
@@ -205,7 +299,13 @@ CASES = [
     ),
     Case(
         "dataset_missing", "dataset absent from root and mirror, no network", (),
-        r"dataset 'mnist' not found: .*MNIST/raw.*DPEXP_DATA_ROOT or dataset\.root", _no_dataset,
+        r"dataset 'mnist' not found in .*empty: .*MNIST/raw.*DPEXP_DATA_ROOT or dataset\.root",
+        _no_dataset, data=("dataset=mnist", "dataset.train_size=256", "dataset.batch_size=32"),
+    ),
+    Case(
+        "dataset_root_empty", "dataset.root set to an empty folder (the mirror has the data)", (),
+        r"dataset 'mnist' not found in .*empty: .*mirror .* only for the default root 'data'$",
+        _empty_root_beside_mirror,
         data=("dataset=mnist", "dataset.train_size=256", "dataset.batch_size=32"),
     ),
     Case(
@@ -299,6 +399,17 @@ CLI_CASES = [
         r"^dpexp: error: privacy\.delta=1\.0 is invalid: a number in \(0, 1\)$",
     ),
     CliCase(
+        "cli_lr_negative", "learning rate < 0 aimed at a finished run's dir",
+        (*TINY_DATA, *TINY, "optimizer.lr=-1"),
+        r"^dpexp: error: optimizer\.lr=-1 is invalid: torch\.optim\.SGD refused it",
+    ),
+    CliCase(
+        "cli_checkpoint_interval", "checkpoint every −1 steps, new run dir",
+        (*TINY_DATA, *TINY, "callbacks.step_checkpoint.every_n_train_steps=-1"),
+        r"^dpexp: error: callbacks\.step_checkpoint\.every_n_train_steps=-1 is invalid",
+        in_existing_run=False,
+    ),
+    CliCase(
         "cli_garbage_ckpt", "checkpoint is random bytes", (*TINY_DATA, *TINY),
         r"^dpexp: error: ckpt_path='.*garbage\.ckpt' is invalid: a readable checkpoint",
         in_existing_run=False, setup=_garbage_ckpt,
@@ -340,6 +451,32 @@ def test_cli_prints_one_line_and_exits_2(case, tmp_path):
     else:
         assert _snapshot(run_dir) == before  # nothing in the finished run changed
     MESSAGES[case.id] = lines[0].replace(str(tmp_path), "<tmp>")
+
+
+# -- and no refusal of good input --------------------------------------------------------------
+def _shipped(group: str) -> list[str]:
+    return sorted(f"{group}={p.stem}" for p in (REPO / "conf" / group).glob("*.yaml"))
+
+
+SHIPPED = [
+    o for g in ("optimizer", "scheduler", "trainer", "logger", "callbacks") for o in _shipped(g)
+]
+GPU_TRAINERS = {"trainer=gpu", "trainer=ddp_spawn"}  # accelerator: gpu
+
+
+@pytest.mark.parametrize("option", SHIPPED)
+def test_every_shipped_option_passes_the_checks(option, tmp_path, monkeypatch):
+    """Building the objects must not refuse a config the repo ships (a GPU trainer is refused
+    only where no GPU is visible, naming trainer.accelerator); nothing is written either way."""
+    tiny = [o for o in TINY if not o.startswith("trainer.accelerator=")]  # the option's own
+    cfg = compose_config(tmp_path / "run", *TINY_DATA, *tiny, option)
+    if option in GPU_TRAINERS:
+        _no_gpu(tmp_path, monkeypatch)
+        with pytest.raises(UserError, match=r"^trainer\.accelerator='gpu' is invalid"):
+            validate(cfg)
+    else:
+        validate(cfg)
+    assert not any(tmp_path.iterdir()), "validation must not write anything"
 
 
 def test_debug_keeps_the_traceback(tmp_path):

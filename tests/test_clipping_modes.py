@@ -283,10 +283,11 @@ def test_cnn_tanh_takes_both_branches_and_logs_each_decision_once(caplog):
     model = build_model("cnn_tanh", (1, 28, 28))
     x, y = batch((1, 28, 28))
     engine = make_engine("mixed_ghost", model)
-    with caplog.at_level(logging.INFO, logger="dpexp.clipping.fast"), engine.attached_to_model():
+    with caplog.at_level(logging.DEBUG, logger="dpexp.clipping.fast"), engine.attached_to_model():
         engine.clipped_sum(x, y, CLIP)
         engine.clipped_sum(x, y, CLIP)
     decisions = {k[:2]: v for k, v in engine._decisions.items()}
+    assert [(e["layer"], e["parameter"]) for e in engine.plan] == list(decisions)
     # conv1: T = 13² = 169, p·D = 16·64 → instantiate; conv2: T = 25, p·D = 32·256 → ghost
     assert decisions[("features.0", "weight")] == "conv"
     assert decisions[("features.3", "weight")] == "ghost"

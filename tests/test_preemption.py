@@ -121,8 +121,12 @@ def test_slurm_requeue_signal_checkpoints_after_the_step_is_counted(
     assert hpc["callbacks"]["PrivacyCallback"]["steps"] == SIGNAL_AT_STEP
     assert not list((tmp_path / "signalled").glob("hpc_ckpt_*"))
 
+    # The resume keeps the method's options (a privacy setting); its signal was already sent.
     resumed_dir = tmp_path / "resumed"
-    resumed = run(tiny_cfg(*JOB, f"ckpt_path={tmp_path / 'at_requeue.ckpt'}",
+    resumed_dir.mkdir()
+    (resumed_dir / "sent_SIGUSR1").write_text(str(SIGNAL_AT_STEP))
+    resumed = run(tiny_cfg(*JOB, *signal_method(SIGNAL_AT_STEP, "SIGUSR1"),
+                           f"ckpt_path={tmp_path / 'at_requeue.ckpt'}",
                            output_dir=resumed_dir), resumed_dir)  # fmt: skip
     assert signalled["steps"] == 8
     for key in COMPARED:

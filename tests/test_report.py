@@ -145,7 +145,7 @@ def test_paper_table_sets_ours_beside_published(tmp_path):
     text = tables.document("sa_dpsgd", table, merged.reset_index(), missing,
                            ["trainer.max_epochs=3"])  # fmt: skip
     assert (
-        "| mnist | dpsgd | 2 | 2.990 | 3 | 97.50 ± 0.71 (3 of 40 epochs) | 98.12 | -0.62 |" in text
+        "| mnist | dpsgd | 2.990 | 3 | 97.50 ± 0.71 (n=2, 3 of 40 epochs) | 98.12 | -0.62 |" in text
     )
     assert "- Epochs: 3 (paper: 40)" in text and "Hardware: " in text
     assert "Deviations from the paper:" in text and "trainer.max_epochs=3" in text
@@ -163,7 +163,7 @@ def test_tables_without_published_numbers_say_so():
                          "pruning.rate": [0.5] * 2, "privacy.epsilon": [1] * 2,
                          "test_acc": [0.9, 0.92]})  # fmt: skip
     text = tables.document("pruning_tradeoff", table, tables.merge(table, done), [], [])
-    assert "| mnist | random | 0.5 | 1 | 2 | 91.00 ± 1.41 | n/a | n/a |" in text
+    assert "| mnist | random | 0.5 | 1 | 91.00 ± 1.41 (n=2) | n/a | n/a |" in text
 
 
 def test_tables_cli_takes_overrides_after_flags(tmp_path, monkeypatch, capsys):
@@ -182,5 +182,6 @@ def test_jobs_with_extra_overrides_get_their_own_rows():
     merged = tables.merge(table, done)
     assert merged["seeds"].tolist() == [1, 2] or merged["seeds"].tolist() == [2, 1]
     text = tables.document("rgp_ablation", table, merged, [], [])
-    assert "| mnist | rgp | 4 | 3 | – | 2 | 71.00 ± 1.41 | n/a | n/a |" in text
-    assert "| mnist | rgp | 4 | 3 | 2 | 1 | 75.00 ± 0.00 | n/a | n/a |" in text
+    assert "| mnist | rgp | 4 | 3 | – | 71.00 ± 1.41 (n=2) | n/a | n/a |" in text
+    assert "| mnist | rgp | 4 | 3 | 2 | 75.00 (n=1) | n/a | n/a |" in text  # one seed: no ±
+    assert "± 0.00" not in text

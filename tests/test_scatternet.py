@@ -96,8 +96,13 @@ def test_features_are_cached_by_images_and_transform_and_a_damaged_cache_is_reco
     # one zero image gives the empty public split its shape; train and test are cached
     assert len(files) == 2 and calls == [1, 40, 10]
     calls.clear()
-    again = setup()
-    assert calls == [1]  # read back, not recomputed
+    with caplog.at_level("INFO", logger="dpexp.data.datamodule"):
+        again = setup()
+    assert calls == [1]  # read back, not recomputed, and said so in one line
+    assert (
+        caplog.text.count(f"features of 50 synthetic images: 50 read from the cache in {tmp_path}")
+        == 1
+    )
     torch.testing.assert_close(again.train.x, first.train.x, rtol=0, atol=0)
     calls.clear()
     other = setup(seed=1)  # other images: other files

@@ -25,12 +25,15 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
+from dpexp import progress
 from dpexp.clipping.base import (
     ClippingEngine,
     clip_factors,
@@ -45,6 +48,10 @@ from dpexp.clipping.trace import trace_uses
 log = logging.getLogger(__name__)
 
 
+def _no_progress(n: float = 1) -> None:
+    return None
+
+
 def _per_sample_view(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return c.view(-1, *[1] * (like.dim() - 1))
 
@@ -55,6 +62,7 @@ class FastEngine(ClippingEngine):
 
     rule: Callable[[Dims], bool] = staticmethod(mixed_rule)
     two_pass = False
+    _advance: Callable[..., None] = staticmethod(_no_progress)  # the plan's progress bar
 
     def __init__(self, model, loss_fn=summed_cross_entropy) -> None:
         super().__init__(model, loss_fn)
@@ -69,6 +77,8 @@ class FastEngine(ClippingEngine):
             self.tape = Tape(self.model)
             self._trainable = trainable
             self._decisions: dict[tuple, str] = {}
+            self.plan: list[dict] = []  # the decisions, for the run dir (clipping_plan.json)
+            self._planned: set[tuple] = set()  # input shapes whose first batch was planned
             self._probed: set[tuple] = set()
             self._traced: set[tuple] = set()
             self.moved: dict[str, str] = {}  # parameter → the module whose path covers it
@@ -87,16 +97,36 @@ class FastEngine(ClippingEngine):
         if key not in self._decisions:
             choice = self.choose(layer, local, x, g)
             self._decisions[key] = choice
-            log.info(
+            dims = layer.math.dims(layer.module, x, g)
+            self.plan.append(
+                {"layer": layer.name, "module": type(layer.module).__name__,
+                 "parameter": local, "input": list(x.shape[1:]),
+                 "dims": None if dims is None else str(dims), "choice": choice}
+            )  # fmt: skip
+            log.debug(
                 "clipping=%s: %s %s, input %s, %s → %s",
-                self.mode,
-                layer.where,
-                local,
-                tuple(x.shape[1:]),
-                layer.math.dims(layer.module, x, g),
-                choice,
-            )
+                self.mode, layer.where, local, tuple(x.shape[1:]), dims, choice,
+            )  # fmt: skip
+            self._advance()
         return self._decisions[key]
+
+    def plan_summary(self) -> str:
+        """How many parameters each path clips, e.g. ``ghost 4, unfold 2, conv 2``."""
+        counts = Counter(entry["choice"] for entry in self.plan)
+        return ", ".join(f"{choice} {n}" for choice, n in counts.most_common())
+
+    def _plan_stage(self, inputs: torch.Tensor, weights) -> AbstractContextManager:
+        """A progress bar while the first batch of a new input shape is planned (timed)."""
+        shape = tuple(inputs.shape[1:])
+        total = sum(
+            len(layer.params) - sum(full in weights for full in layer.params.values())
+            for layer in self.tape.layers
+            if layer.math is not None and len(layer.calls) == 1
+        )
+        if self.mode != "auto" or total == 0 or shape in self._planned:
+            return nullcontext(_no_progress)
+        self._planned.add(shape)
+        return progress.stage(f"clipping plan ({self.mode})", total=total)
 
     def choose(self, layer: Layer, local: str, x: torch.Tensor, g: torch.Tensor) -> str:
         """The engine's rule on the layer's (T, p, D) for the ghost norm, else instantiate."""
@@ -185,10 +215,12 @@ class FastEngine(ClippingEngine):
         if self.two_pass:
             edges.append(get_gradient_edge(out))
         try:
-            grads = list(
-                torch.autograd.grad(loss, edges, allow_unused=True, retain_graph=self.two_pass)
-            )
+            with self._plan_stage(inputs, step.weights) as self._advance:
+                grads = list(
+                    torch.autograd.grad(loss, edges, allow_unused=True, retain_graph=self.two_pass)
+                )
         finally:
+            self._advance = _no_progress
             # node → hook → call → edge → node is a cycle through C++ that Python's garbage
             # collector cannot see: it would keep every step's graph and saved inputs alive
             for hook in hooks:

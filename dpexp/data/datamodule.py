@@ -4,6 +4,7 @@ missed."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -24,6 +25,8 @@ from dpexp.data.sources import (
     synthetic,
 )
 
+log = logging.getLogger(__name__)
+
 
 class DataModule(L.LightningDataModule):
     """Train/test (and optional public) splits held in memory as normalised tensors.
@@ -33,6 +36,7 @@ class DataModule(L.LightningDataModule):
     training data; ``digits`` or another dataset bring ``public_size`` (None: all) images of
     their own, mapped to this dataset's input. Either may be used freely (e.g. to choose
     masks, to pretrain). ``train_size``/``test_size`` take the first examples of each split.
+    :meth:`add_private_examples` appends examples (an audit's canaries) to the private set.
     """
 
     def __init__(
@@ -87,6 +91,29 @@ class DataModule(L.LightningDataModule):
         self.planned_epochs: int | None = None
         self.input_transform: nn.Module | None = None
         self.feature_cache: Path | None = None
+        self.extra_private: TensorData | None = None
+        self._features: FixedFeatures | None = None  # while setup() computes them
+
+    def add_private_examples(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Append ``(x, y)`` (images of the dataset's shape, labels of the model's classes) to
+        the private training set at :meth:`setup`, e.g. an audit's input canaries.
+
+        They are private examples like the others: the Poisson sampler draws each of them
+        with the rate q = ``batch_size`` / :attr:`num_private`, and the clipping engine clips
+        them with the batch. :attr:`num_private`, q and the step plan stay those of the
+        dataset's own examples, fixed before the extra examples are known: the accountant's
+        q is the sampler's q, and neither depends on how many examples were added."""
+        if self.train is not None:
+            raise RuntimeError("add_private_examples() must be called before setup()")
+        if tuple(x.shape[1:]) != self.image_shape or len(x) != len(y):
+            raise ValueError(
+                f"extra private examples must be {len(y)} images of shape {self.image_shape}, "
+                f"got {tuple(x.shape)}"
+            )
+        if self.extra_private is not None:
+            x = torch.cat([self.extra_private.x, x])
+            y = torch.cat([self.extra_private.y, y])
+        self.extra_private = TensorData(x.float(), y.long())
 
     def precompute(self, transform: nn.Module, cache_dir: str | Path | None = None) -> None:
         """Store ``transform(x)`` instead of every image ``x``, computed once at set-up and
@@ -99,10 +126,17 @@ class DataModule(L.LightningDataModule):
         self.input_transform = transform
         self.feature_cache = Path(cache_dir) if cache_dir is not None else None
 
-    def _transformed(self, x: torch.Tensor, name: str | None = None) -> torch.Tensor:
+    def model_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """What the model sees for images ``x``: the fixed front end of :meth:`precompute`,
+        if any (an auditor computing its canaries' gradients needs exactly the training input)."""
         if self.input_transform is None:
             return x
-        return FixedFeatures(self.input_transform, self.feature_cache)(name or self.name, x)
+        return FixedFeatures(self.input_transform)(self.name, x, "canaries")
+
+    def _transformed(self, x: torch.Tensor, split: str, name: str | None = None) -> torch.Tensor:
+        if self._features is None:
+            return x
+        return self._features(name or self.name, x, split)
 
     # Sizes are known before loading, so configs can be validated without touching the data.
     @property
@@ -113,6 +147,7 @@ class DataModule(L.LightningDataModule):
 
     @property
     def sample_rate(self) -> float:
+        """q = B / N over the dataset's own private examples (extra examples do not change it)."""
         return self.batch_size / self.num_private
 
     @property
@@ -135,23 +170,37 @@ class DataModule(L.LightningDataModule):
             )
         else:
             root = self.locate()
+            if root != Path(self.root).expanduser():  # only the default root falls back
+                log.info("dataset %s: read from the mirror %s (the default root %s/ has no "
+                         "files)", self.name, root, self.root)  # fmt: skip
             x, y = load_torchvision(self.name, root, train=True)
             xt, yt = load_torchvision(self.name, root, train=False)
+        if self.input_transform is not None:
+            self._features = FixedFeatures(self.input_transform, self.feature_cache)
         n = self.num_private
         self.public = self._public(x, y)
-        self.train = TensorData(self._transformed(x[:n]), y[:n])
+        self.train = TensorData(self._transformed(x[:n], "train"), y[:n])
+        if self.extra_private is not None:
+            extra = self.extra_private
+            self.train = TensorData(
+                torch.cat([self.train.x, self._transformed(extra.x, "canaries")]),
+                torch.cat([self.train.y, extra.y]),
+            )
         m = len(yt) if self.test_size is None else min(self.test_size, len(yt))
-        self.test = TensorData(self._transformed(xt[:m]), yt[:m])
+        self.test = TensorData(self._transformed(xt[:m], "test"), yt[:m])
+        if self._features is not None:
+            log.info("%s", self._features.summary(self.name))
+            self._features = None
 
     def _public(self, x: torch.Tensor, y: torch.Tensor) -> TensorData:
         """The public split: the held-out tail of the training set ``x``, or an external
         source brought to this dataset's input (never any of the first N private examples)."""
         if self.public_source in ("none", "heldout"):
             start = len(y) - self.public_size
-            return TensorData(self._transformed(x[start:]), y[start:])
+            return TensorData(self._transformed(x[start:], "public"), y[start:])
         raw, labels = P.load_public(self.public_source, self.public_size, self.root)
         images = P.to_private_input(raw, tuple(self.image_shape), self.name)
-        with_features = self._transformed(images, f"public-{self.public_source}")
+        with_features = self._transformed(images, "public", f"public-{self.public_source}")
         return TensorData(with_features, labels)
 
     def public_fields(self) -> dict:

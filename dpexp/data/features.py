@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dpexp import progress
+
 log = logging.getLogger(__name__)
 
 
@@ -22,6 +24,8 @@ class FixedFeatures:
     def __init__(self, transform: nn.Module, cache_dir: str | Path | None = None) -> None:
         self.transform = transform
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.read = self.computed = 0  # examples, over every call
+        self.seconds = 0.0  # spent computing
 
     def cache_file(self, name: str, x: torch.Tensor) -> Path | None:
         """Named by a hash of the images and of the transform's class and buffers (filters)."""
@@ -36,7 +40,7 @@ class FixedFeatures:
             digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
         return self.cache_dir / f"{name}-{len(x)}-{digest.hexdigest()[:20]}.pt"
 
-    def __call__(self, name: str, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, name: str, x: torch.Tensor, split: str = "") -> torch.Tensor:
         if len(x) == 0:  # e.g. no public examples: keep the transformed shape
             with torch.no_grad():
                 return self.transform(torch.zeros(1, *x.shape[1:]))[:0]
@@ -45,24 +49,36 @@ class FixedFeatures:
             try:
                 out = torch.load(cached, map_location="cpu", weights_only=True)
                 if torch.is_tensor(out) and len(out) == len(x):
-                    log.info("%s: %d precomputed features read from %s", name, len(x), cached)
+                    log.debug("%s %s: %d features read from %s", name, split, len(x), cached)
+                    self.read += len(x)
                     return out
                 raise ValueError(f"holds {type(out).__name__}, not {len(x)} feature rows")
             except Exception as exc:  # a damaged cache costs a recomputation, never the run
                 log.warning("%s is unusable (%s): computing the features again", cached, exc)
         start = time.perf_counter()
-        with torch.no_grad():
-            out = torch.cat([self.transform(chunk) for chunk in x.split(1024)])
-        log.info(
-            "%s: %s of %d images computed in %.0f s",
-            name,
-            type(self.transform).__name__,
-            len(x),
-            time.perf_counter() - start,
-        )
+        label = " ".join(filter(None, (name, split, type(self.transform).__name__)))
+        chunks = []
+        with torch.no_grad(), progress.stage(label, total=len(x)) as advance:
+            for chunk in x.split(1024):
+                chunks.append(self.transform(chunk))
+                advance(len(chunk))
+        out = torch.cat(chunks)
+        self.computed += len(x)
+        self.seconds += time.perf_counter() - start
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
             partial = cached.with_suffix(f".{os.getpid()}.tmp")
             torch.save(out, partial)
             os.replace(partial, cached)  # atomic: a concurrent run sees all of it or nothing
         return out
+
+    def summary(self, name: str) -> str:
+        """One line for every split together: read from the cache, computed, or both."""
+        what = f"{type(self.transform).__name__} features of {self.read + self.computed} {name}"
+        parts = []
+        if self.read:
+            parts.append(f"{self.read} read from the cache in {self.cache_dir}")
+        if self.computed:
+            kept = f", cached in {self.cache_dir}" if self.cache_dir is not None else ""
+            parts.append(f"{self.computed} computed in {self.seconds:.0f} s{kept}")
+        return f"{what} images: {'; '.join(parts)}"

@@ -21,6 +21,9 @@ MIRROR = Path(
     os.environ.get("DPEXP_MIRROR") or Path(__file__).resolve().parents[3] / "shared" / "data"
 )
 
+# dataset.root when neither DPEXP_DATA_ROOT nor dataset.root is set (conf/dataset/*.yaml)
+DEFAULT_ROOT = "data"
+
 # name -> (torchvision class name, folder its files live in, train size, test size, shape, classes)
 TORCHVISION = {
     "mnist": ("MNIST", "MNIST/raw", 60_000, 10_000, (1, 28, 28), 10),
@@ -71,14 +74,24 @@ def _reachable(url: str, timeout: float = 3.0) -> bool:
 def locate(name: str, root: str | Path, download: bool = True) -> Path:
     """Return the dataset root that holds ``name``'s files.
 
-    Looks in ``root``, then in the repository's read-only mirror; failing both, lets
+    Looks in ``root``; for the default root only (``data``, i.e. neither DPEXP_DATA_ROOT nor
+    dataset.root set) also in the repository's read-only mirror; failing that, lets
     torchvision download into ``root`` (users with a network). Raises
-    :class:`DatasetMissingError` with one line saying what is missing and how to fix it.
+    :class:`DatasetMissingError` with one line naming ``root``, what is missing and how to
+    fix it.
     """
     root = Path(root).expanduser()
-    for candidate in (root, MIRROR):
-        if _has_files(name, candidate):
-            return candidate
+    if _has_files(name, root):
+        return root
+    if is_default_root(root) and _has_files(name, MIRROR):
+        return MIRROR
+    folder = TORCHVISION[name][1]
+    # an explicit root is never swapped for the mirror: say so where that would have helped
+    note = (
+        f"; the mirror {MIRROR} is used only for the default root {DEFAULT_ROOT!r}"
+        if not is_default_root(root) and _has_files(name, MIRROR)
+        else ""
+    )
     reason = "download disabled"
     if download:
         import torchvision
@@ -87,9 +100,9 @@ def locate(name: str, root: str | Path, download: bool = True) -> Path:
         url = cls.mirrors[0] if hasattr(cls, "mirrors") else cls.url
         if not _reachable(url):
             raise DatasetMissingError(
-                f"dataset {name!r} not found: no files in {root / TORCHVISION[name][1]} and "
+                f"dataset {name!r} not found in {root}: no files in {root / folder} and "
                 f"no network to download it from {urlparse(url).hostname}; set "
-                f"DPEXP_DATA_ROOT or dataset.root to a folder holding {TORCHVISION[name][1]}/"
+                f"DPEXP_DATA_ROOT or dataset.root to a folder holding {folder}/{note}"
             )
         previous = socket.getdefaulttimeout()
         socket.setdefaulttimeout(20)
@@ -102,10 +115,14 @@ def locate(name: str, root: str | Path, download: bool = True) -> Path:
         finally:
             socket.setdefaulttimeout(previous)
     raise DatasetMissingError(
-        f"dataset {name!r} not found: no files in {root / TORCHVISION[name][1]} "
-        f"({reason}); set DPEXP_DATA_ROOT or dataset.root to a folder holding "
-        f"{TORCHVISION[name][1]}/"
+        f"dataset {name!r} not found in {root}: no files in {root / folder} ({reason}); set "
+        f"DPEXP_DATA_ROOT or dataset.root to a folder holding {folder}/{note}"
     )
+
+
+def is_default_root(root: str | Path) -> bool:
+    """Is ``root`` the default (``data`` beside the working directory), not a chosen one?"""
+    return Path(root).expanduser() == Path(DEFAULT_ROOT)
 
 
 def load_torchvision(

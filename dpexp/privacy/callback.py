@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -19,8 +20,11 @@ from dpexp.errors import UserError
 from dpexp.methods.base import Method
 from dpexp.privacy.settings import check_resume
 from dpexp.privacy.step import GradientStep
+from dpexp.results import write_json_atomic
 
 log = logging.getLogger(__name__)
+# the engine's per-layer decisions, written into the run dir after the first step
+PLAN_FILE = "clipping_plan.json"
 
 
 def planned_steps(trainer: L.Trainer, steps_per_epoch: int) -> int:
@@ -68,6 +72,7 @@ class PrivacyCallback(L.Callback):
         verify: bool = True,
         secure_noise: bool = False,
         settings: dict[str, Any] | None = None,
+        plan_file: str | Path | None = None,
     ) -> None:
         self.enabled = enabled
         self.epsilon = epsilon
@@ -94,6 +99,8 @@ class PrivacyCallback(L.Callback):
         self._restored_steps = 0
         self._restored_noise_state: torch.Tensor | None = None
         self.budget_exhausted = False
+        self.plan_file = Path(plan_file) if plan_file is not None else None
+        self._plan_reported = 0  # decisions already written
 
     @property
     def state_key(self) -> str:
@@ -201,6 +208,7 @@ class PrivacyCallback(L.Callback):
             )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._report_plan(trainer)
         if self.step is not None and not self.step.budget_allows_step():
             self.budget_exhausted = self.step.steps < self.planned_steps
             trainer.should_stop = True
@@ -210,8 +218,23 @@ class PrivacyCallback(L.Callback):
             pl_module.log("epsilon", self.spent_epsilon(), prog_bar=True)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._report_plan(trainer)  # decisions for input shapes first seen after step one
         if self.engine is not None and self.engine.attached:
             self.engine.detach()
+
+    def _report_plan(self, trainer: L.Trainer) -> None:
+        """The clipping engine's plan: one INFO line the first time, every per-layer decision
+        in ``plan_file`` (rewritten when a new input shape adds decisions)."""
+        plan = getattr(self.engine, "plan", None)
+        if not plan or len(plan) == self._plan_reported:
+            return
+        where = ""
+        if self.plan_file is not None and trainer.is_global_zero:
+            write_json_atomic(self.plan_file, {"clipping": self.clipping, "decisions": plan})
+            where = f" (plan in {self.plan_file})"
+        if self._plan_reported == 0:
+            log.info("clipping=%s: %s%s", self.clipping, self.engine.plan_summary(), where)
+        self._plan_reported = len(plan)
 
     # -- results and checkpoints ------------------------------------------------------
     def spent_epsilon(self) -> float:
