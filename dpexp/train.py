@@ -26,8 +26,9 @@ from hydra.experimental.callback import Callback as HydraCallback
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from dpexp import progress, quiet, sweep, tracking, tuning
+from dpexp import pretrain, progress, quiet, sweep, tracking, tuning
 from dpexp.averaging import ParameterEMA
+from dpexp.data import public_kwargs
 from dpexp.errors import UserError
 from dpexp.methods import build_methods
 from dpexp.models import RUN_WEIGHTS, init_fields, save_weights
@@ -46,7 +47,7 @@ quiet.install()  # known, harmless third-party messages (dpexp/quiet.py)
 def build(cfg: DictConfig, output_dir: Path):
     """Instantiate data, model, methods, privacy callback, module and trainer from ``cfg``."""
     progress.enable(bool(OmegaConf.select(cfg, "trainer.enable_progress_bar", default=True)))
-    datamodule = instantiate(cfg.dataset)
+    datamodule = instantiate(cfg.dataset, **public_kwargs(cfg))
     model = instantiate(cfg.model)
     if (features := getattr(model, "fixed_features", None)) is not None:
         # a fixed per-example transform: computed once (and cached), not at every step
@@ -151,6 +152,7 @@ def run(cfg: DictConfig, output_dir: Path, own_attempt: bool = False) -> dict[st
     start = time.perf_counter()
     datamodule, module, privacy, methods, trainer = build(cfg, output_dir)
     tracking.log_config(trainer.loggers, cfg)
+    pretrained = pretrain_stage(cfg, module.model, datamodule, trainer, output_dir, ckpt_path)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     test = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     averaging = next((c for c in trainer.callbacks if isinstance(c, ParameterEMA)), None)
@@ -177,6 +179,8 @@ def run(cfg: DictConfig, output_dir: Path, own_attempt: bool = False) -> dict[st
         "n_params": n_params,
         "trainable_fraction": min(fractions) if fractions else n_trainable / n_params,
         **init_fields(model),  # weights started from, head, trainable patterns
+        **datamodule.public_fields(),  # public.source, public.size, how it was mapped
+        **pretrained,
         "wall_s": round(time.perf_counter() - start, 2),
         "seed": cfg.seed,
         "git_sha": git_sha(),
@@ -197,6 +201,35 @@ def run(cfg: DictConfig, output_dir: Path, own_attempt: bool = False) -> dict[st
     save_weights(model, output_dir / RUN_WEIGHTS, provenance)
     write_json_atomic(output_dir / RESULT_FILE, result)
     return result
+
+
+def pretrain_stage(
+    cfg: DictConfig,
+    model,
+    datamodule,
+    trainer: L.Trainer,
+    output_dir: Path,
+    ckpt_path: str | None,
+) -> dict[str, Any]:
+    """``pretrain.epochs`` > 0: non-private training on the public split, before the privacy
+    callback attaches (dpexp/pretrain.py); returns its result.json fields."""
+    epochs = int(OmegaConf.select(cfg, "pretrain.epochs") or 0)
+    if not epochs:
+        return {k: (0 if k == "pretrain_epochs" else None) for k in pretrain.FIELDS}
+    lr = cfg.pretrain.lr
+    optimizer = instantiate(cfg.optimizer, **({"lr": lr} if lr is not None else {}))
+    return pretrain.run_stage(
+        model,
+        datamodule,
+        output_dir,
+        epochs,
+        optimizer,
+        lr=float(lr if lr is not None else cfg.optimizer.lr),
+        batch_size=int(cfg.pretrain.batch_size),
+        seed=int(cfg.seed),
+        device=trainer.strategy.root_device,
+        resuming=ckpt_path is not None,
+    )
 
 
 def summary_line(result: dict[str, Any]) -> str:

@@ -182,8 +182,8 @@ CASES = [
         r"dataset\.batch_size=1000 .*at most .* 128",
     ),
     Case(
-        "public_too_large", "public split ≥ whole training set", ("dataset.public_size=128",),
-        r"dataset\.public_size=128 .*\[0, 128\)",
+        "public_too_large", "held-out public split ≥ whole training set",
+        ("public.source=heldout", "public.size=128"), r"public\.size=128 .*\[1, 127\]",
     ),
     Case(
         "physical_negative", "physical batch < 0", ("dataset.physical_batch_size=-4",),
@@ -290,7 +290,7 @@ CASES = [
     Case(
         "scores_on_private_data", "pruning scores from gradients on private data (no public split)",
         ("method=freeze", "pruning.scorer=public_grad"),
-        r"pruning\.scorer='public_grad' .*public_size=0.*not accounted",
+        r"pruning\.scorer='public_grad' .*public\.source='none'.*not accounted",
     ),
     Case(
         "screen_private_validation", "un-noised screening test on private data",

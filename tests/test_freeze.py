@@ -3,6 +3,7 @@ move, clipping/noise restricted to kept coordinates, checked against brute force
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -18,6 +19,7 @@ from dpexp.errors import ConfigError
 from dpexp.methods.freeze import MASKS_FILE, Freeze
 from dpexp.methods.masks import keep_count, public_gradient_scores, top_fraction
 from dpexp.models import CNNTanh
+from dpexp.pretrain import pretrain
 from dpexp.privacy.step import GradientStep, merge_weights
 from dpexp.train import run
 from dpexp.validate import validate
@@ -176,30 +178,36 @@ def test_noise_has_std_sigma_c_on_kept_coordinates_and_is_zero_on_frozen():
 
 
 def test_public_grad_refused_without_public_data(tiny_cfg):
-    with pytest.raises(ConfigError, match=r"dataset.public_size.*private data"):
+    with pytest.raises(ConfigError, match=r"public\.source='none'.*private data"):
         validate(tiny_cfg("method=freeze", "pruning.scorer=public_grad"))
-    with pytest.raises(ConfigError, match=r"pruning\.pretrain_epochs=1"):
-        validate(tiny_cfg("method=freeze", "pruning.pretrain_epochs=1"))
+    with pytest.raises(ConfigError, match=r"pretrain\.epochs=1 .*public\.source='none'"):
+        validate(tiny_cfg("method=freeze", "pretrain.epochs=1"))
     with pytest.raises(ConfigError, match=r"pruning.rate=1.0 .*\[0, 1\)"):
         validate(tiny_cfg("method=freeze", "pruning.rate=1.0"))
     with pytest.raises(ConfigError, match=r"pruning\.scorer='fisher'"):
         validate(tiny_cfg("method=freeze", "pruning.scorer=fisher"))
+    with pytest.raises(ConfigError, match=r"pruning\.rescale=true .*frozen_value='keep'"):
+        validate(tiny_cfg("method=freeze", "pruning.rescale=true", "pruning.frozen_value=keep"))
 
 
 @pytest.mark.parametrize("grad_score", ["grad", "taylor"])
 def test_public_grad_mask_reads_only_the_public_split(grad_score):
     def mask_with_private(poison: bool):
-        dm = DataModule("synthetic", image_shape=SHAPE, num_classes=4, size=96, public_size=32)
+        dm = DataModule(
+            "synthetic", image_shape=SHAPE, num_classes=4, size=96, public_source="heldout",
+            public_size=32,
+        )  # fmt: skip
         dm.setup("fit")
         if poison:  # if scoring touched private data, NaNs would reach the scores
             dm.train = TensorData(torch.full_like(dm.train.x, math.nan), dm.train.y)
         model = tiny_model()
+        sgd = functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9)
+        pretrain(model, dm.public, 1, sgd, batch_size=8)
         freeze = Freeze(
             rate=0.5,
             scorer="public_grad",
             grad_score=grad_score,
-            public_size=32,
-            pretrain_epochs=1,
+            public_source="heldout",
             public_batch_size=8,
         )
         freeze.setup_method(model, dm)
@@ -208,8 +216,7 @@ def test_public_grad_mask_reads_only_the_public_split(grad_score):
     clean, poisoned = mask_with_private(False), mask_with_private(True)
     for n in clean.masks:
         assert torch.equal(clean.masks[n], poisoned.masks[n])
-    assert "public split = 32 held-out" in clean.mask_source
-    assert "after 1 non-private epochs" in clean.mask_source
+    assert "the last 32 examples of synthetic's training split" in clean.mask_source
 
 
 def test_run_writes_masks_fields_plain_epsilon_and_keeps_pruned_weights_zero(tiny_cfg, tmp_path):
@@ -272,9 +279,3 @@ def test_public_gradient_scores_sum_per_batch_magnitudes(taylor):
             g = torch.autograd.grad(torch.nn.functional.cross_entropy(model(x), y), params[n])[0]
             expected += (g * params[n] if taylor else g).abs()
         torch.testing.assert_close(scores[n], expected.detach(), rtol=1e-12, atol=0)
-
-
-def test_bad_pretrain_epochs_is_a_config_error():
-    for bad in (-1, 1.5, True):
-        with pytest.raises(ConfigError, match=r"pruning\.pretrain_epochs=.* an integer >= 0"):
-            Freeze(pretrain_epochs=bad, public_size=10)

@@ -78,7 +78,11 @@ def test_mnist_loads_in_memory_with_a_disjoint_public_slice():
     import os
 
     dm = data.DataModule(
-        "mnist", root=os.environ.get("DPEXP_DATA_ROOT", "data"), batch_size=64, public_size=1000
+        "mnist",
+        root=os.environ.get("DPEXP_DATA_ROOT", "data"),
+        batch_size=64,
+        public_source="heldout",
+        public_size=1000,
     )
     dm.setup()
     assert dm.num_private == 59_000 and len(dm.train) == 59_000 and len(dm.public) == 1000

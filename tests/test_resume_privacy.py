@@ -27,7 +27,7 @@ def checkpoint_of(tiny_cfg, tmp_path, *overrides: str):
         (("privacy.secure_noise=true",), "privacy.secure_noise"),
         (("dataset.batch_size=16",), "sample_rate"),
         (("dataset.train_size=100",), "private_examples"),
-        (("dataset.public_size=28",), "private_examples"),
+        (("public.source=heldout", "public.size=28"), "private_examples"),
         (("method=freeze",), "the method or its options"),
         (("privacy=none",), "privacy.enabled"),
     ],

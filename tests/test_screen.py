@@ -19,7 +19,7 @@ from dpexp.privacy.step import GradientStep
 from dpexp.train import run
 from dpexp.validate import validate
 
-SCREEN_PUBLIC = ["method=screen", "dataset.public_size=32"]
+SCREEN_PUBLIC = ["method=screen", "public.source=heldout", "public.size=32"]
 
 
 def data_module(public_size: int = 32) -> DataModule:
@@ -30,7 +30,8 @@ def data_module(public_size: int = 32) -> DataModule:
         size=160,
         synthetic_test_size=16,
         batch_size=16,
-        public_size=public_size,
+        public_source="heldout" if public_size else "none",
+        public_size=public_size or None,
     )
     dm.setup()
     return dm
@@ -88,7 +89,7 @@ def test_empirical_acceptance_frequency_matches_formula(delta_e, accepted):
 
 
 def test_delta_e_is_the_mean_loss_change_on_one_validation_batch(monkeypatch):
-    screen = Screen(seed=1, public_size=32, val_batch=8)
+    screen = Screen(seed=1, public_source="heldout", val_batch=8)
     model, dm, optimizer, step = setup(screen)
     seen = []
     monkeypatch.setattr(screen, "released_delta", lambda d: seen.append(d) or d)
@@ -111,7 +112,7 @@ def test_delta_e_is_the_mean_loss_change_on_one_validation_batch(monkeypatch):
 def test_rejection_restores_parameters_and_optimizer_state_bit_exactly(
     monkeypatch, restore_optimizer_state
 ):
-    screen = Screen(public_size=32, restore_optimizer_state=restore_optimizer_state)
+    screen = Screen(public_source="heldout", restore_optimizer_state=restore_optimizer_state)
     model, dm, optimizer, step = setup(screen)
     for i in range(3):  # build up momentum from accepted steps
         step(train_batch(dm, i), optimizer)
@@ -132,7 +133,7 @@ def test_rejection_restores_parameters_and_optimizer_state_bit_exactly(
 
 
 def test_rejected_first_step_drops_the_momentum_it_created(monkeypatch):
-    screen = Screen(public_size=32)
+    screen = Screen(public_source="heldout")
     model, dm, optimizer, step = setup(screen)
     saved = snapshot(model, optimizer)
     monkeypatch.setattr(screen, "accept", lambda delta_e: False)
@@ -142,7 +143,7 @@ def test_rejected_first_step_drops_the_momentum_it_created(monkeypatch):
 
 
 def test_forced_acceptance_after_max_rejections(monkeypatch):
-    screen = Screen(public_size=32, max_rejections=3)
+    screen = Screen(public_source="heldout", max_rejections=3)
     model, dm, optimizer, step = setup(screen)
     monkeypatch.setattr(screen, "accept", lambda delta_e: False)
     start = [p.detach().clone() for p in model.parameters()]
@@ -186,7 +187,7 @@ def test_private_validation_batch_is_a_poisson_sample_of_the_private_training_se
     [
         ({"validation": "private"}, "refused"),
         ({"validation": "test"}, "screen.validation"),
-        ({"validation": "public", "public_size": 0}, "dataset.public_size"),
+        ({"validation": "public", "public_source": "none"}, "public.source='none'"),
         ({"validation": "private_noisy", "sigma_v": 0.0}, "screen.sigma_v"),
         ({"validation": "private_noisy", "clip_v": -1.0}, "screen.clip_v"),
         ({"k": -1.0}, "screen.k"),
@@ -211,10 +212,10 @@ def config_error_of(config) -> ConfigError:
 
 
 def test_public_validation_without_public_split_is_refused_by_the_config(tiny_cfg):
-    assert "dataset.public_size=0" in str(config_error_of(tiny_cfg("method=screen")))
+    assert "public.source='none'" in str(config_error_of(tiny_cfg("method=screen")))
     private = tiny_cfg("method=screen", "screen.validation=private")
     assert "refused" in str(config_error_of(private))
-    with pytest.raises(ConfigError, match=r"dataset\.public_size"):
+    with pytest.raises(ConfigError, match=r"public\.source and public\.size"):
         Screen().setup_method(nn.Linear(1, 1), data_module(public_size=0))
 
 

@@ -1,6 +1,7 @@
-"""Data: sources (torchvision, synthetic), the Poisson sampler, fixed features, the module."""
+"""Data: sources (torchvision, synthetic), public sources, the Poisson sampler, fixed
+features, the module."""
 
-from dpexp.data.datamodule import DataModule
+from dpexp.data.datamodule import DataModule, datamodule_kwargs, public_kwargs
 from dpexp.data.features import FixedFeatures
 from dpexp.data.sampler import PoissonBatchSampler
 from dpexp.data.sources import (
@@ -22,6 +23,8 @@ __all__ = [
     "FixedFeatures",
     "PoissonBatchSampler",
     "TensorData",
+    "datamodule_kwargs",
     "locate",
+    "public_kwargs",
     "synthetic",
 ]

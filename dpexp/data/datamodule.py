@@ -9,9 +9,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
+from dpexp.data import public as P
 from dpexp.data.features import FixedFeatures
 from dpexp.data.sampler import PoissonBatchSampler
 from dpexp.data.sources import (
@@ -29,9 +31,11 @@ log = logging.getLogger(__name__)
 class DataModule(L.LightningDataModule):
     """Train/test (and optional public) splits held in memory as normalised tensors.
 
-    ``public_size`` examples at the end of the training set are declared public: they are
-    removed from the private training data and may be used freely (e.g. to choose masks).
-    ``train_size``/``test_size`` take the first examples of each split (small test runs).
+    The public split comes from ``public_source`` (``dpexp.data.public``): ``heldout`` takes
+    the last ``public_size`` examples of the training set and removes them from the private
+    training data; ``digits`` or another dataset bring ``public_size`` (None: all) images of
+    their own, mapped to this dataset's input. Either may be used freely (e.g. to choose
+    masks, to pretrain). ``train_size``/``test_size`` take the first examples of each split.
     :meth:`add_private_examples` appends examples (an audit's canaries) to the private set.
     """
 
@@ -43,7 +47,8 @@ class DataModule(L.LightningDataModule):
         physical_batch_size: int | None = None,
         train_size: int | None = None,
         test_size: int | None = None,
-        public_size: int = 0,
+        public_source: str = "none",
+        public_size: int | None = None,
         eval_batch_size: int = 1024,
         image_shape: tuple[int, ...] | list[int] = (3, 32, 32),
         num_classes: int = 10,
@@ -60,7 +65,6 @@ class DataModule(L.LightningDataModule):
         self.physical_batch_size = physical_batch_size
         self.train_size = train_size
         self.test_size = test_size
-        self.public_size = public_size
         self.eval_batch_size = eval_batch_size
         self.seed = seed
         self.size = size
@@ -71,6 +75,14 @@ class DataModule(L.LightningDataModule):
         else:
             _, _, n_train, n_test, self.image_shape, self.num_classes = TORCHVISION[name]
             self._full_sizes = (n_train, n_test)
+        self.public_source = public_source
+        # the number of public examples, known (and checked) before anything is loaded
+        self.public_size = P.public_count(
+            public_source, public_size, name, self._full_sizes[0], self.num_classes
+        )
+        self.public_description = P.describe(
+            public_source, self.public_size, name, self.image_shape
+        )
         self.sampler_generator = torch.Generator().manual_seed(seed)
         self.secret_sampler = False  # privacy.secure_noise: the seed is secret, never stored
         self._sampler: PoissonBatchSampler | None = None
@@ -121,15 +133,16 @@ class DataModule(L.LightningDataModule):
             return x
         return FixedFeatures(self.input_transform)(self.name, x, "canaries")
 
-    def _transformed(self, x: torch.Tensor, split: str) -> torch.Tensor:
+    def _transformed(self, x: torch.Tensor, split: str, name: str | None = None) -> torch.Tensor:
         if self._features is None:
             return x
-        return self._features(self.name, x, split)
+        return self._features(name or self.name, x, split)
 
     # Sizes are known before loading, so configs can be validated without touching the data.
     @property
     def num_private(self) -> int:
-        available = self._full_sizes[0] - self.public_size
+        held_out = self.public_size if self.public_source == "heldout" else 0
+        available = self._full_sizes[0] - held_out
         return available if self.train_size is None else min(self.train_size, available)
 
     @property
@@ -142,6 +155,9 @@ class DataModule(L.LightningDataModule):
         return max(1, round(self.num_private / self.batch_size))
 
     def locate(self) -> Path | None:
+        """The private dataset's root; a missing private or public source fails here, with
+        one line, before anything is written."""
+        P.check_available(self.public_source, self.root)
         return None if self.name == "synthetic" else locate(self.name, self.root)
 
     def setup(self, stage: str | None = None) -> None:
@@ -161,10 +177,8 @@ class DataModule(L.LightningDataModule):
             xt, yt = load_torchvision(self.name, root, train=False)
         if self.input_transform is not None:
             self._features = FixedFeatures(self.input_transform, self.feature_cache)
-        n_public_start = len(y) - self.public_size
-        public = self._transformed(x[n_public_start:], "public")
-        self.public = TensorData(public, y[n_public_start:])
         n = self.num_private
+        self.public = self._public(x, y)
         self.train = TensorData(self._transformed(x[:n], "train"), y[:n])
         if self.extra_private is not None:
             extra = self.extra_private
@@ -177,6 +191,25 @@ class DataModule(L.LightningDataModule):
         if self._features is not None:
             log.info("%s", self._features.summary(self.name))
             self._features = None
+
+    def _public(self, x: torch.Tensor, y: torch.Tensor) -> TensorData:
+        """The public split: the held-out tail of the training set ``x``, or an external
+        source brought to this dataset's input (never any of the first N private examples)."""
+        if self.public_source in ("none", "heldout"):
+            start = len(y) - self.public_size
+            return TensorData(self._transformed(x[start:], "public"), y[start:])
+        raw, labels = P.load_public(self.public_source, self.public_size, self.root)
+        images = P.to_private_input(raw, tuple(self.image_shape), self.name)
+        with_features = self._transformed(images, "public", f"public-{self.public_source}")
+        return TensorData(with_features, labels)
+
+    def public_fields(self) -> dict:
+        """result.json entries: where the public data came from, how much, how it was mapped."""
+        return {
+            "public_source": self.public_source,
+            "public_size": self.public_size,
+            "public_data": self.public_description,
+        }
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer  # None outside a Trainer; under DDP, this process's rank
@@ -248,3 +281,17 @@ class DataModule(L.LightningDataModule):
         order = torch.randperm(len(self.public), generator=g) if shuffle else None
         order = torch.arange(len(self.public)) if order is None else order
         return DataLoader(self.public, sampler=order.split(batch_size), batch_size=None)
+
+
+def datamodule_kwargs(cfg: DictConfig) -> dict:
+    """:class:`DataModule` arguments of a composed config: the ``dataset`` node (resolved, no
+    ``_target_``) and the ``public`` node's source and size."""
+    kwargs = OmegaConf.to_container(cfg.dataset, resolve=True)
+    kwargs.pop("_target_", None)
+    return {**kwargs, **public_kwargs(cfg)}
+
+
+def public_kwargs(cfg: DictConfig) -> dict:
+    """``public.source`` and ``public.size`` as :class:`DataModule` arguments."""
+    public = cfg.get("public") or {}
+    return {"public_source": public.get("source", "none"), "public_size": public.get("size")}

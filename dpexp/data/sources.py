@@ -125,7 +125,11 @@ def is_default_root(root: str | Path) -> bool:
     return Path(root).expanduser() == Path(DEFAULT_ROOT)
 
 
-def load_torchvision(name: str, root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def load_torchvision(
+    name: str, root: Path, train: bool, normalize: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """N×C×H×W images, normalised with the dataset's mean/std (in [0, 1] without
+    ``normalize``), and labels."""
     import torchvision
 
     ds = getattr(torchvision.datasets, TORCHVISION[name][0])(str(root), train=train)
@@ -133,6 +137,8 @@ def load_torchvision(name: str, root: Path, train: bool) -> tuple[torch.Tensor, 
     # N×H×W grey images or N×H×W×C colour images → N×C×H×W
     data = data.unsqueeze(1) if data.ndim == 3 else data.permute(0, 3, 1, 2)
     x = data.float().div_(255.0)
+    if not normalize:
+        return x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long)
     mean, std = NORMALIZATION[name]
     x = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
     return x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long)

@@ -5,7 +5,9 @@ train, the others stay fixed at 0 (``frozen_value=zero``, pruning: Adamczewski, 
 arXiv 2306.11754) or at their starting values (``keep``, freezing: Adamczewski & Park 2023,
 arXiv 2303.04612). The mask is chosen from data-independent scores (``magnitude`` of the
 starting weights, ``random``) or from gradients on *public* data (``public_grad``); nothing
-about it depends on private data, so DP-SGD's accounting is unchanged.
+about it depends on private data, so DP-SGD's accounting is unchanged. ``rescale`` multiplies
+each pruned tensor's kept weights so that its norm, and with it the layer's output variance
+at the start, is the unpruned layer's.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dpexp.errors import ConfigError, UserError
@@ -31,7 +32,6 @@ SCORERS = ("magnitude", "random", "public_grad")
 GRAD_SCORES = ("grad", "taylor")
 SCOPES = ("layerwise", "global")
 FROZEN_VALUES = ("zero", "keep")
-PUBLIC_SOURCES = ("heldout",)
 MASKS_FILE = "masks.pt"
 
 
@@ -61,10 +61,8 @@ class Freeze(Method):
         scope: str = "layerwise",
         frozen_value: str = "zero",
         prune_all: bool = False,
-        public: str = "heldout",
-        public_size: int = 0,
-        pretrain_epochs: int = 0,
-        pretrain_lr: float = 0.05,
+        rescale: bool = False,
+        public_source: str = "none",
         public_batch_size: int = 256,
         seed: int = 0,
     ) -> None:
@@ -73,36 +71,30 @@ class Freeze(Method):
         _choice("pruning.grad_score", grad_score, GRAD_SCORES)
         _choice("pruning.scope", scope, SCOPES)
         _choice("pruning.frozen_value", frozen_value, FROZEN_VALUES)
-        _choice("pruning.public", public, PUBLIC_SOURCES)
-        integer = isinstance(pretrain_epochs, int) and not isinstance(pretrain_epochs, bool)
-        if not integer or pretrain_epochs < 0:
+        if not isinstance(rescale, bool):
+            raise ConfigError(f"pruning.rescale={rescale!r} is invalid: true or false")
+        if rescale and frozen_value == "keep":
             raise ConfigError(
-                f"pruning.pretrain_epochs={pretrain_epochs!r} is invalid: an integer >= 0"
+                "pruning.rescale=true is invalid with pruning.frozen_value='keep': frozen "
+                "weights keep their values, so no layer's output changes; rescale is for zero"
             )
-        needs_public = scorer == "public_grad" or pretrain_epochs > 0
-        if needs_public and not public_size:
-            what = (
-                "pruning.scorer='public_grad'"
-                if scorer == "public_grad"
-                else f"pruning.pretrain_epochs={pretrain_epochs}"
-            )
+        if scorer == "public_grad" and public_source == "none":
             raise ConfigError(
-                f"{what} needs public data but dataset.public_size=0: set dataset.public_size > 0 "
-                "(examples held out of the private training set); scoring on private data would "
-                "spend privacy that is not accounted"
+                "pruning.scorer='public_grad' needs public data but public.source='none': set "
+                "public.source (heldout, digits or a dataset) and public.size; scoring on "
+                "private data would spend privacy that is not accounted"
             )
         self.scorer = scorer
         self.grad_score = grad_score
         self.scope = scope
         self.frozen_value = frozen_value
         self.prune_all = bool(prune_all)
-        self.public = public
-        self.public_size = int(public_size or 0)
-        self.pretrain_epochs = pretrain_epochs
-        self.pretrain_lr = float(pretrain_lr)
+        self.rescale = rescale
+        self.public_source = public_source
         self.public_batch_size = int(public_batch_size)
         self.seed = seed
         self.masks: M.Masks = {}
+        self.scales: dict[str, float] = {}
         self.frozen_parameters: list[str] = []
         self.mask_source = ""
         self.run_dir: Path | None = None
@@ -116,9 +108,6 @@ class Freeze(Method):
 
     def setup_method(self, model: nn.Module, datamodule: L.LightningDataModule) -> None:
         self._model = model
-        public = self._public_data(datamodule)
-        if self.pretrain_epochs:
-            self._pretrain(model, datamodule)
         params = M.maskable_parameters(model, self.prune_all)
         if self.scorer == "magnitude":
             scores = M.magnitude_scores(params)
@@ -127,74 +116,66 @@ class Freeze(Method):
                 params, torch.Generator().manual_seed(M.stream_seed(self.seed, "freeze"))
             )
         else:
-            loader = datamodule.public_dataloader(self.public_batch_size, shuffle=False)
+            loader = self._public_loader(datamodule)
             scores = M.public_gradient_scores(
                 model, loader, [n for n, _ in params], taylor=self.grad_score == "taylor"
             )
         chosen = M.top_fraction(scores, self.rate, self.scope)
         self.masks = {n: chosen[n].to(p) for n, p in params}
-        self.mask_source = self._describe_source(public)
+        self.mask_source = self._describe_source(datamodule)
         self._apply(model)
         M.register_kept(model, self.masks)
         log.info(
-            "freeze: rate=%g scorer=%s scope=%s: %d of %d maskable weights train (%s)",
+            "freeze: rate=%g scorer=%s scope=%s: %d of %d maskable weights train (%s)%s",
             self.rate,
             self.scorer,
             self.scope,
             sum(int(m.sum()) for m in self.masks.values()),
             sum(m.numel() for m in self.masks.values()),
             self.mask_source,
+            f"; kept weights rescaled by {min(self.scales.values(), default=1):.3g}–"
+            f"{max(self.scales.values(), default=1):.3g}"
+            if self.rescale
+            else "",
         )
 
-    def _public_data(self, datamodule) -> int:
-        """Size of the public split; refuses to score on data that is not public."""
-        if self.scorer != "public_grad" and not self.pretrain_epochs:
-            return 0
+    def _public_loader(self, datamodule):
+        """Batches of the public split; refuses to score on data that is not public."""
         if getattr(datamodule, "public", None) is None:
             datamodule.setup("fit")
-        size = len(datamodule.public) if datamodule.public is not None else 0
-        if size == 0:
+        if datamodule.public is None or len(datamodule.public) == 0:
             raise ConfigError(
-                f"pruning.scorer={self.scorer!r} with pretrain_epochs={self.pretrain_epochs} "
-                "needs public data but the data module has none: set dataset.public_size > 0"
+                "pruning.scorer='public_grad' needs public data but the data module has none: "
+                "set public.source and public.size"
             )
-        return size
+        return datamodule.public_dataloader(self.public_batch_size, shuffle=False)
 
-    def _pretrain(self, model: nn.Module, datamodule) -> None:
-        """Non-private SGD on the public split only (before any private data is touched)."""
-        optimizer = torch.optim.SGD(model.parameters(), lr=self.pretrain_lr, momentum=0.9)
-        device = next(model.parameters()).device
-        model.train()
-        for _ in range(self.pretrain_epochs):
-            for x, y in datamodule.public_dataloader(self.public_batch_size, shuffle=True):
-                optimizer.zero_grad(set_to_none=True)
-                F.cross_entropy(model(x.to(device)), y.to(device)).backward()
-                optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    def _describe_source(self, public_size: int) -> str:
+    def _describe_source(self, datamodule) -> str:
         if self.scorer == "random":
-            source = f"random (seed {self.seed})"
-        elif self.scorer == "magnitude":
-            source = "magnitude of the starting weights"
-        else:
-            kind = "|grad|" if self.grad_score == "grad" else "|weight*grad|"
-            source = f"{kind} on the public split"
-        if public_size:
-            source += (
-                f"; public split = {public_size} held-out training examples (dataset.public_size)"
-            )
-        if self.pretrain_epochs:
-            source += f"; after {self.pretrain_epochs} non-private epochs on the public split"
-        return source
+            return f"random (seed {self.seed})"
+        if self.scorer == "magnitude":
+            return "magnitude of the starting weights"
+        kind = "|grad|" if self.grad_score == "grad" else "|weight*grad|"
+        return f"{kind} on the public split: {datamodule.public_description}"
 
     @torch.no_grad()
     def _apply(self, model: nn.Module) -> None:
         params = dict(model.named_parameters())
         self.frozen_parameters = []
+        self.scales = {}
         for n, mask in self.masks.items():
             if self.frozen_value == "zero":
+                before = params[n].norm()
                 params[n].mul_(mask)
+                after = params[n].norm()
+                if self.rescale and after > 0:
+                    # For inputs with uncorrelated coordinates of equal variance, a unit's
+                    # output variance is that variance times its squared weight norm: restoring
+                    # the tensor's norm restores the layer's mean output variance, for any rate
+                    # and scorer (random keeps ~1/(1-rate) of it, magnitude more).
+                    scale = float(before / after)
+                    params[n].mul_(scale)
+                    self.scales[n] = scale
             if not mask.any():
                 # nothing left to train in this tensor: no per-sample work for it
                 params[n].requires_grad_(False)
@@ -240,6 +221,7 @@ class Freeze(Method):
             "mask_source": self.mask_source,
             "frozen_value": self.frozen_value,
             "pruning_scope": self.scope,
+            "pruning_rescale": self.rescale,
         }
 
     def trainable_fraction(self, model: nn.Module) -> float:

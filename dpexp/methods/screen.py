@@ -85,7 +85,7 @@ class Screen(Method):
         paper_accounting: bool = False,
         clip_v: float = 0.001,
         sigma_v: float = 1.3,
-        public_size: int | None = None,
+        public_source: str | None = None,
         seed: int = 0,
     ) -> None:
         _check("k", k, _is_number(k) and k >= 0, "a finite number >= 0")
@@ -98,11 +98,11 @@ class Screen(Method):
                 "leaks it; use private_noisy (clipped and noised, accounted) or public"
             )
         _check("validation", validation, validation in VALIDATIONS, f"one of {VALIDATIONS}")
-        if validation == "public" and public_size is not None and public_size <= 0:
+        if validation == "public" and public_source == "none":
             raise ConfigError(
-                f"screen.validation='public' needs a public split but dataset.public_size="
-                f"{public_size!r}: set dataset.public_size > 0 (held out of the private data) "
-                "or use screen.validation=private_noisy"
+                "screen.validation='public' needs a public split but public.source='none': "
+                "set public.source (e.g. heldout with public.size=1000, held out of the "
+                "private data) or use screen.validation=private_noisy"
             )
         if validation == "private_noisy":
             _check("clip_v", clip_v, _is_number(clip_v) and clip_v > 0, "a finite number > 0")
@@ -133,12 +133,10 @@ class Screen(Method):
         self.model = model
         self.datamodule = datamodule
         if self.validation == "public":
-            public = datamodule.public_size
-            if public <= 0:
+            if datamodule.public_size <= 0:
                 raise ConfigError(
-                    f"screen.validation='public' needs a public split but dataset.public_size="
-                    f"{public!r}: set dataset.public_size > 0 or use "
-                    "screen.validation=private_noisy"
+                    "screen.validation='public' needs a public split but the data has none: "
+                    "set public.source and public.size or use screen.validation=private_noisy"
                 )
         else:
             # Poisson rate of the private test batch; N is the size the gradient's q uses.

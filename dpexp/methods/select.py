@@ -5,9 +5,11 @@ Every ``every`` steps a fraction ``1 - rate`` of the maskable weights (among tho
 kept, if it runs too) is chosen to update. The DP step drops the other coordinates *before*
 clipping (the per-sample norm is over selected coordinates only) and adds no noise to them;
 this callback then keeps them from moving through the optimizer. The selection is either
-fresh data-independent randomness (``random``, from its own seeded generator) or the largest
-|θ_t| of the current, already private model (``magnitude``: post-processing). Neither reads
-private data, so the accountant counts exactly DP-SGD's (σ, q) per step.
+fresh data-independent randomness (``random``, from its own seeded generator), the largest
+|θ_t| of the current, already private model (``magnitude``: post-processing), or the largest
+|∇L| (``grad_score=grad``) or |θ_t ⊙ ∇L| (``taylor``) on a batch of *public* data at θ_t
+(``public_grad``, the parameter selection of arXiv 2303.04612). None reads private data, so
+the accountant counts exactly DP-SGD's (σ, q) per step.
 
 ``optimizer_state``: with ``freeze`` (default) an unselected coordinate's optimizer state
 (momentum buffer, Adam's moments) is restored too, as if the step never happened for it. With
@@ -18,6 +20,7 @@ when the coordinate is selected again. Per-tensor counters (Adam's ``step``) alw
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import lightning as L
@@ -27,9 +30,9 @@ from torch import nn
 from dpexp.errors import ConfigError
 from dpexp.methods import masks as M
 from dpexp.methods.base import Method
-from dpexp.methods.freeze import _choice, check_rate
+from dpexp.methods.freeze import GRAD_SCORES, _choice, check_rate
 
-SCORERS = ("random", "magnitude")
+SCORERS = ("random", "magnitude", "public_grad")
 OPTIMIZER_STATES = ("freeze", "continue")
 
 
@@ -44,6 +47,9 @@ class Select(Method):
         every: int = 1,
         scorer: str = "random",
         optimizer_state: str = "freeze",
+        grad_score: str = "grad",
+        public_batch_size: int = 256,
+        public_source: str = "none",
         seed: int = 0,
     ) -> None:
         self.rate = check_rate("select.rate", rate)
@@ -51,8 +57,27 @@ class Select(Method):
             raise ConfigError(f"select.every={every!r} is invalid: a positive integer")
         _choice("select.scorer", scorer, SCORERS)
         _choice("select.optimizer_state", optimizer_state, OPTIMIZER_STATES)
+        _choice("select.grad_score", grad_score, GRAD_SCORES)
+        batch_ok = isinstance(public_batch_size, int) and not isinstance(public_batch_size, bool)
+        if not batch_ok or public_batch_size < 1:
+            raise ConfigError(
+                f"select.public_batch_size={public_batch_size!r} is invalid: a positive integer"
+            )
+        if scorer == "public_grad" and public_source == "none":
+            raise ConfigError(
+                "select.scorer='public_grad' needs public data but public.source='none': set "
+                "public.source (heldout, digits or a dataset) and public.size; scoring on "
+                "private data would spend privacy that is not accounted"
+            )
         self.every = every
         self.scorer = scorer
+        self.grad_score = grad_score
+        self.public_batch_size = public_batch_size
+        # Which public examples score each selection: a stream of its own (never the
+        # sampler's), checkpointed with the method.
+        self.public_generator = torch.Generator().manual_seed(M.stream_seed(seed, "select-public"))
+        self._public = None
+        self._shadow: nn.Module | None = None
         self.optimizer_state = optimizer_state
         self.seed = seed
         self.generator = torch.Generator().manual_seed(M.stream_seed(seed, "select"))
@@ -65,14 +90,48 @@ class Select(Method):
 
     def setup_method(self, model: nn.Module, datamodule: L.LightningDataModule) -> None:
         self._model = model
+        if self.scorer != "public_grad":
+            return
+        if getattr(datamodule, "public", None) is None:
+            datamodule.setup("fit")
+        if datamodule.public is None or len(datamodule.public) == 0:
+            raise ConfigError(
+                "select.scorer='public_grad' needs public data but the data module has none: "
+                "set public.source and public.size"
+            )
+        self._public = datamodule.public
+        # A copy made before the clipping engine attaches, so it carries none of the engine's
+        # hooks: the public forward/backward must leave no trace in the private step.
+        self._shadow = copy.deepcopy(model)
+
+    def _public_scores(self, params: list[tuple[str, nn.Parameter]]) -> M.Masks:
+        """|∇L| or |θ ⊙ ∇L| at the current θ on one public batch (free: public data only)."""
+        shadow = self._shadow
+        device = params[0][1].device if params else torch.device("cpu")
+        shadow.to(device)
+        copies = dict(shadow.named_parameters())
+        with torch.no_grad():
+            for n, p in self._model.named_parameters():
+                if n in copies:
+                    copies[n].copy_(p)
+                    copies[n].requires_grad_(p.requires_grad)
+        shadow.train(self._model.training)
+        size = min(self.public_batch_size, len(self._public))
+        index = torch.randperm(len(self._public), generator=self.public_generator)[:size]
+        scores = M.public_gradient_scores(
+            shadow, [self._public[index]], [n for n, _ in params], self.grad_score == "taylor"
+        )
+        return {n: scores[n].to(p.device) for n, p in params}
 
     def _select(self) -> M.Masks:
         """Masks over the trainable maskable weights, restricted to ``freeze``'s kept ones."""
         params = M.maskable_parameters(self._model)
         if self.scorer == "random":
             scores = M.random_scores(params, self.generator)
-        else:
+        elif self.scorer == "magnitude":
             scores = M.magnitude_scores(params)
+        else:
+            scores = self._public_scores(params)
         chosen = M.top_fraction(scores, self.rate, "layerwise", M.kept_masks(self._model))
         return {n: chosen[n].to(p) for n, p in params}
 
@@ -109,13 +168,20 @@ class Select(Method):
             "select_rate": self.rate,
             "select_every": self.every,
             "select_scorer": self.scorer,
-            "select_mask_source": (
-                "random each selection (own generator, seed stream 'select')"
-                if self.scorer == "random"
-                else "largest |weight| of the current private model (post-processing)"
-            ),
+            "select_mask_source": self._source(),
             "select_optimizer_state": self.optimizer_state,
         }
+
+    def _source(self) -> str:
+        if self.scorer == "random":
+            return "random each selection (own generator, seed stream 'select')"
+        if self.scorer == "magnitude":
+            return "largest |weight| of the current private model (post-processing)"
+        kind = "|grad|" if self.grad_score == "grad" else "|weight*grad|"
+        return (
+            f"largest {kind} at the current weights on {self.public_batch_size} public "
+            "examples per selection (public data only)"
+        )
 
     def trainable_fraction(self, model: nn.Module) -> float | None:
         """Mean over the steps taken of the fraction of parameters updated."""
@@ -127,6 +193,7 @@ class Select(Method):
         current = None if self.current is None else {n: m.cpu() for n, m in self.current.items()}
         return {
             "generator": self.generator.get_state(),
+            "public_generator": self.public_generator.get_state(),
             "current": current,
             "selection_index": self.selection_index,
             "updated_fraction_sum": self.updated_fraction_sum,
@@ -135,6 +202,8 @@ class Select(Method):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.generator.set_state(state_dict["generator"])
+        if "public_generator" in state_dict:
+            self.public_generator.set_state(state_dict["public_generator"])
         self.current = state_dict["current"]
         self.selection_index = state_dict["selection_index"]
         self.updated_fraction_sum = state_dict["updated_fraction_sum"]

@@ -35,11 +35,10 @@ def privacy_settings(cfg: DictConfig) -> dict[str, Any]:
     """The privacy-relevant settings of ``cfg``: privacy on/off, δ, accountant, C, a fixed σ,
     the noise source, the private set (dataset, size N) and q = B/N, the method and its
     options (resolved)."""
-    from dpexp.data import DataModule  # sizes only: nothing is loaded
+    from dpexp.data import DataModule, datamodule_kwargs  # sizes only: nothing is loaded
 
-    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
-    dataset.pop("_target_", None)
-    data = DataModule(**dataset)
+    # N depends on public.source/public.size (a held-out public slice leaves the private set)
+    data = DataModule(**datamodule_kwargs(cfg))
     enabled = bool(cfg.privacy.enabled)
     privacy = {
         key: (cfg.privacy.get(key) if enabled else None)

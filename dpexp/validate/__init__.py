@@ -14,7 +14,7 @@ from dpexp.data import DataModule
 from dpexp.methods import build_methods
 from dpexp.models import BUILDERS
 from dpexp.validate.checkpoint import check_checkpoint, validate_checkpoint
-from dpexp.validate.data import validate_dataset
+from dpexp.validate.data import validate_dataset, validate_pretrain
 from dpexp.validate.fields import choice, fail, get
 from dpexp.validate.model import validate_model
 from dpexp.validate.privacy import validate_clipping, validate_privacy
@@ -34,6 +34,7 @@ def validate(cfg: DictConfig) -> DataModule:
         fail("seed", seed, "an integer >= 0")
     choice(cfg, "model.name", tuple(BUILDERS))
     dm = validate_dataset(cfg)
+    validate_pretrain(cfg, dm)
     validate_privacy(cfg, dm.num_private)
     validate_clipping(cfg, validate_model(cfg), tuple(dm.image_shape))
     validate_scheduler(cfg, validate_optimizer(cfg))

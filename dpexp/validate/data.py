@@ -1,11 +1,14 @@
-"""The dataset group: sizes, shapes, the public split and the batch size."""
+"""The dataset group: sizes, shapes, the public data (public.*, pretrain.*) and the batch
+size."""
 
 from __future__ import annotations
 
-from omegaconf import DictConfig, OmegaConf
+import math
 
-from dpexp.data import DATASETS, TORCHVISION, DataModule
-from dpexp.validate.fields import choice, fail, get, positive_int
+from omegaconf import DictConfig
+
+from dpexp.data import DATASETS, TORCHVISION, DataModule, datamodule_kwargs
+from dpexp.validate.fields import choice, fail, get, number, positive_int
 
 
 def validate_dataset(cfg: DictConfig) -> DataModule:
@@ -24,16 +27,7 @@ def validate_dataset(cfg: DictConfig) -> DataModule:
     else:
         positive_int(cfg, "dataset.size", optional=False)
         positive_int(cfg, "dataset.num_classes", optional=False)
-    public = get(cfg, "dataset.public_size") or 0
-    dm_kwargs = {
-        k: v
-        for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items()
-        if k != "_target_"
-    }
-    dm = DataModule(**dm_kwargs)
-    full = dm._full_sizes[0]
-    if isinstance(public, bool) or not isinstance(public, int) or not 0 <= public < full:
-        fail("dataset.public_size", public, f"an integer in [0, {full})")
+    dm = DataModule(**datamodule_kwargs(cfg))  # checks public.source and public.size
     if cfg.dataset.batch_size > dm.num_private:
         fail(
             "dataset.batch_size",
@@ -41,3 +35,23 @@ def validate_dataset(cfg: DictConfig) -> DataModule:
             f"at most the private training set size {dm.num_private}",
         )
     return dm
+
+
+def validate_pretrain(cfg: DictConfig, dm: DataModule) -> None:
+    """``pretrain.*``: epochs >= 0, a positive batch size and lr (or null), public data."""
+    epochs = get(cfg, "pretrain.epochs")
+    if epochs is None:
+        return
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        fail("pretrain.epochs", epochs, "an integer >= 0")
+    positive_int(cfg, "pretrain.batch_size", optional=False)
+    lr = number(cfg, "pretrain.lr")
+    if lr is not None and not 0 < lr < math.inf:
+        fail("pretrain.lr", lr, "a finite number > 0, or null for the optimizer's lr")
+    if epochs and dm.public_size == 0:
+        fail(
+            "pretrain.epochs",
+            epochs,
+            "needs public data but public.source='none': set public.source (heldout, digits "
+            "or a dataset) and public.size; training on private data here would not be private",
+        )
