@@ -86,7 +86,7 @@ stage() {
 
 # -- sizes ---------------------------------------------------------------------------------
 if [[ $DEVICE == cuda ]]; then
-  TRAINER=gpu
+  TRAINER=gpu SHAPE=3x32x32
   TRAIN_DATA=(dataset.size=8192 dataset.synthetic_test_size=1024 dataset.batch_size=256)
   TRAIN_EPOCHS=2
   BENCH_SIZE=(dataset.batch_size=256)
@@ -94,7 +94,7 @@ if [[ $DEVICE == cuda ]]; then
   TEST_SELECT=(-k "not leaves_training_unchanged") # a CPU training twice, device-independent
   CAP_TESTS=150 CAP_TRAIN=120 CAP_BENCH=110
 else # dry run: every stage, tiny
-  TRAINER=cpu
+  TRAINER=cpu SHAPE=3x16x16
   TRAIN_DATA=(dataset.size=128 dataset.synthetic_test_size=64 dataset.batch_size=32
     "dataset.image_shape=[3,16,16]")
   TRAIN_EPOCHS=1
@@ -177,7 +177,7 @@ fi
   done
   if [[ -f $OUT/train_result.json ]]; then
     echo
-    echo "DP training (resnet_gn, synthetic 3x32x32, $DEVICE):"
+    echo "DP training (resnet_gn, synthetic $SHAPE, $DEVICE):"
     "$PYTHON" -c '
 import json, sys
 r = json.load(open(sys.argv[1]))
