@@ -279,6 +279,9 @@ def run_sweeps(table: PaperTable, overrides: list[str]) -> None:
         subprocess.run(cmd, cwd=REPO, check=True)
 
 
+FINDING_FILE = "finding.md"  # beside the kept results: the claim, what we measured, verdict
+
+
 def kept_dir(root: Path, name: str) -> Path:
     """Where a table's finished jobs are kept (committed): docs/results/<table>/."""
     return root / "docs" / "results" / name
@@ -340,6 +343,8 @@ def merge(table: PaperTable, done: pd.DataFrame) -> pd.DataFrame:
     Any other override that varies among the jobs (e.g. a wider model run into the same sweep
     dir) becomes a column too, so such jobs get their own rows instead of being averaged in."""
     keys = [k for k in table.keys if k in done]
+    # published numbers are keyed by the leading cell keys (e.g. dataset, method)
+    width = len(next(iter(table.published), ()))
     varying = report.factors(done, done.attrs.get("overrides", []))
     keys += [k for k in varying if k not in keys and k not in ("task_name", "experiment")]
     metric = done[table.metric].astype(float) * table.scale
@@ -352,7 +357,8 @@ def merge(table: PaperTable, done: pd.DataFrame) -> pd.DataFrame:
             out[extra] = grouped[extra].mean().to_numpy()
     # one seed: std stays NaN (no spread is printed for it, see document)
     out["published"] = [
-        table.published.get(tuple(row[k] for k in keys), float("nan")) for _, row in out.iterrows()
+        table.published.get(tuple(row[k] for k in keys[:width]), float("nan"))
+        for _, row in out.iterrows()
     ]
     out["diff"] = out["ours"] - out["published"]
     return out
@@ -383,8 +389,9 @@ def ours_cell(mean: float, std: float, n: int) -> str:
 
 
 def document(name: str, table: PaperTable, merged: pd.DataFrame, missing: list[str],
-             overrides: list[str]) -> str:  # fmt: skip
-    """The Markdown page for docs/results/tables/<name>.md."""
+             overrides: list[str], finding: str = "") -> str:  # fmt: skip
+    """The Markdown page for docs/results/tables/<name>.md; ``finding``: the paragraph on the
+    seed's claim (docs/results/<name>/finding.md), set under the table."""
     unit = "%" if table.scale == 100 else "×"
     metric = f"{table.metric} ({unit})"
     # n (the seeds) is printed in each "ours" cell, not as a column of its own
@@ -427,6 +434,8 @@ def document(name: str, table: PaperTable, merged: pd.DataFrame, missing: list[s
     if missing:
         lines += ["", f"{len(missing)} jobs have no result yet (re-run to resume):", ""]
         lines += [f"- {m}" for m in missing]
+    if finding:  # written by whoever ran the table, from the rows above
+        lines += ["", "## The seed's claim and what we measured", "", finding.strip()]
     return "\n".join(lines) + "\n"
 
 
@@ -448,7 +457,9 @@ def main(argv: list[str] | None = None) -> None:
         if not table.bench_csv:
             keep_results(args.table, table, REPO, args.overrides)
         done, missing = collect(args.table, table, REPO, args.overrides)
-        text = document(args.table, table, merge(table, done), missing, args.overrides)
+        finding_file = kept_dir(REPO, args.table) / FINDING_FILE
+        finding = finding_file.read_text() if finding_file.is_file() else ""
+        text = document(args.table, table, merge(table, done), missing, args.overrides, finding)
     except UserError as exc:
         print(f"dpexp.tables: error: {exc}", file=sys.stderr)
         sys.exit(2)

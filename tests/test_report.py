@@ -185,3 +185,22 @@ def test_jobs_with_extra_overrides_get_their_own_rows():
     assert "| mnist | rgp | 4 | 3 | – | 71.00 ± 1.41 (n=2) | n/a | n/a |" in text
     assert "| mnist | rgp | 4 | 3 | 2 | 75.00 (n=1) | n/a | n/a |" in text  # one seed: no ±
     assert "± 0.00" not in text
+
+
+def test_published_number_is_found_beside_extra_cell_keys_and_the_finding_is_printed():
+    """A cell with more keys than the published table (screen.validation) still gets the
+    published number of its (dataset, method); the kept finding goes under the table."""
+    table = tables.TABLES["sa_dpsgd"]
+    done = pd.DataFrame({
+        "dataset": ["mnist"] * 4, "method": ["dpsgd", "dpsgd", "screen", "screen"],
+        "screen.validation": [None, None, "public", "private_noisy"],
+        "seed": [0, 1, 0, 0], "test_acc": [0.98, 0.982, 0.978, 0.97], "epochs": [40] * 4,
+    })  # fmt: skip
+    done.attrs["overrides"] = ["dataset", "method", "screen.validation", "seed"]
+    merged = tables.merge(table, done)
+    published = dict(zip(merged["screen.validation"].fillna("-"), merged["published"], strict=True))
+    assert published == {"-": 98.12, "public": 98.35, "private_noisy": 98.35}
+    text = tables.document("sa_dpsgd", table, merged, [], [], "Claim: x. Measured: y.")
+    assert text.rstrip().endswith(
+        "## The seed's claim and what we measured\n\nClaim: x. Measured: y."
+    )
