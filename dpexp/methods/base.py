@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from dpexp.accounting import Mechanism
+from dpexp.errors import ConfigError
 
 
 class Method(L.Callback):
@@ -67,3 +68,17 @@ class Method(L.Callback):
     def trainable_fraction(self, model: nn.Module) -> float | None:
         """Share of the model's parameters this method updates (None: all trainable ones)."""
         return None
+
+
+def public_split(datamodule: L.LightningDataModule, key: str) -> Any:
+    """The data module's public split, for option ``key`` (e.g. ``pruning.scorer``) that scores
+    on public data; refuses when there is none (scoring on private data would spend privacy
+    that is not accounted)."""
+    if getattr(datamodule, "public", None) is None:
+        datamodule.setup("fit")
+    if datamodule.public is None or len(datamodule.public) == 0:
+        raise ConfigError(
+            f"{key}='public_grad' needs public data but the data module has none: "
+            "set public.source and public.size"
+        )
+    return datamodule.public

@@ -24,7 +24,7 @@ from torch import nn
 
 from dpexp.errors import ConfigError, UserError
 from dpexp.methods import masks as M
-from dpexp.methods.base import Method
+from dpexp.methods.base import Method, public_split
 
 log = logging.getLogger(__name__)
 
@@ -141,13 +141,7 @@ class Freeze(Method):
 
     def _public_loader(self, datamodule):
         """Batches of the public split; refuses to score on data that is not public."""
-        if getattr(datamodule, "public", None) is None:
-            datamodule.setup("fit")
-        if datamodule.public is None or len(datamodule.public) == 0:
-            raise ConfigError(
-                "pruning.scorer='public_grad' needs public data but the data module has none: "
-                "set public.source and public.size"
-            )
+        public_split(datamodule, "pruning.scorer")
         return datamodule.public_dataloader(self.public_batch_size, shuffle=False)
 
     def _describe_source(self, datamodule) -> str:

@@ -29,7 +29,7 @@ from torch import nn
 
 from dpexp.errors import ConfigError
 from dpexp.methods import masks as M
-from dpexp.methods.base import Method
+from dpexp.methods.base import Method, public_split
 from dpexp.methods.freeze import GRAD_SCORES, _choice, check_rate
 
 SCORERS = ("random", "magnitude", "public_grad")
@@ -92,14 +92,7 @@ class Select(Method):
         self._model = model
         if self.scorer != "public_grad":
             return
-        if getattr(datamodule, "public", None) is None:
-            datamodule.setup("fit")
-        if datamodule.public is None or len(datamodule.public) == 0:
-            raise ConfigError(
-                "select.scorer='public_grad' needs public data but the data module has none: "
-                "set public.source and public.size"
-            )
-        self._public = datamodule.public
+        self._public = public_split(datamodule, "select.scorer")
         # A copy made before the clipping engine attaches, so it carries none of the engine's
         # hooks: the public forward/backward must leave no trace in the private step.
         self._shadow = copy.deepcopy(model)
