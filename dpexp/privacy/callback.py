@@ -135,7 +135,9 @@ class PrivacyCallback(L.Callback):
             return
         if self.fixed_noise_multiplier is not None:
             self.noise_multiplier = float(self.fixed_noise_multiplier)
-        else:
+        else:  # a few seconds with nothing to count: said before, not after
+            log.info("DP-SGD: calibrating sigma to epsilon=%g over %d steps (%s)",
+                     self.epsilon, self.planned_steps, self.accountant)  # fmt: skip
             self.noise_multiplier = accounting.noise_multiplier(
                 self.epsilon,
                 self.sample_rate,
