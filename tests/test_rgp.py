@@ -421,7 +421,10 @@ def test_resnet_gn_trains(tiny_cfg, tmp_path):
 
 
 def test_resume_from_checkpoint_continues_exactly(tiny_cfg, tmp_path):
-    fixed = [*FIXED_SIGMA, "method=rgp", "rgp.history_steps=3", "rgp.warmup_steps=2"]
+    # clipping=bk: auto picks each layer's path by timing, which may differ between the two
+    # runs and change the last float bits
+    fixed = [*FIXED_SIGMA, "method=rgp", "rgp.history_steps=3", "rgp.warmup_steps=2",
+             "clipping=bk"]  # fmt: skip
     straight = run(
         tiny_cfg(*fixed, "trainer.max_epochs=2", output_dir=tmp_path / "a"), tmp_path / "a"
     )
