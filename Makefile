@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp-install
 ARGS ?=
+# Test workers (pytest-xdist); each file runs whole on one worker, one thread per worker.
+TEST_WORKERS ?= 2
 SWEEP ?= pruning_eps
 TABLE ?= pruning_tradeoff
 
@@ -29,7 +31,7 @@ audit-table: install
 	$(BIN)/python scripts/audit_table.py $(ARGS)
 
 test: install lint
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -56,7 +56,11 @@ def compose_config(output_dir: Path, *overrides: str) -> DictConfig:
 
 
 def pytest_configure(config):
-    """DPEXP_TEST_DEVICE / DPEXP_TEST_DTYPE of the exactness tests (tests/device.py)."""
+    """DPEXP_TEST_DEVICE / DPEXP_TEST_DTYPE of the exactness tests (tests/device.py); one
+    thread per xdist worker, and for the runs it starts, so workers do not oversubscribe."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+        os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     try:
         from tests import device
     except ValueError as exc:  # a bad value: one line, before any test runs
