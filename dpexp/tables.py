@@ -19,6 +19,7 @@ import argparse
 import datetime as dt
 import glob
 import hashlib
+import itertools
 import os
 import platform
 import shutil
@@ -66,6 +67,9 @@ class PaperTable:
     published: dict[tuple, float] = field(default_factory=dict)
     paper_epochs: int | None = None
     deviations: str = ""
+    # a cell key whose values are also set side by side: a second table with one column per
+    # value and, per row, the values ordered by the metric, best first
+    compare: str | None = None
 
 
 TABLES: dict[str, PaperTable] = {
@@ -217,6 +221,7 @@ TABLES: dict[str, PaperTable] = {
             )
         ),
         paper_epochs=None,
+        compare="public.source",
         deviations="Not a paper table: 10 pretraining epochs on 1,797 public examples, then "
         "10 private epochs (the ScatterNet CNN); no published numbers (n/a).",
     ),
@@ -388,6 +393,29 @@ def ours_cell(mean: float, std: float, n: int) -> str:
     return f"{mean:.2f}{spread} (n={n})"
 
 
+def side_by_side(table: PaperTable, merged: pd.DataFrame) -> list[str]:
+    """Markdown lines of the cells again, a column per value of ``table.compare`` and the
+    values of each row ordered by the metric (best first; ``=`` where they tie to 0.01)."""
+    key = table.compare
+    index = [k for k in table.keys if k != key and k in merged]
+    values = sorted(merged[key].astype(str).unique())
+    lines = [f"By {key} (best first in the last column):", "",
+             "| " + " | ".join([*index, *values, "order"]) + " |",
+             "|" + "---|" * (len(index) + len(values) + 1)]  # fmt: skip
+    for cell, rows in merged.groupby(index, dropna=False, sort=True):
+        by_value = {str(r[key]): r for _, r in rows.iterrows()}
+        ranked = sorted(by_value, key=lambda v: -by_value[v]["ours"])
+        order = ranked[:1]
+        for before, value in itertools.pairwise(ranked):
+            tie = round(by_value[before]["ours"], 2) == round(by_value[value]["ours"], 2)
+            order.append(("= " if tie else "> ") + value)
+        cells = [_key_cell(v) for v in cell]
+        cells += [ours_cell(by_value[v]["ours"], by_value[v]["ours_std"], int(by_value[v]["seeds"]))
+                  if v in by_value else "–" for v in values]  # fmt: skip
+        lines.append("| " + " | ".join([*cells, " ".join(order)]) + " |")
+    return lines
+
+
 def document(name: str, table: PaperTable, merged: pd.DataFrame, missing: list[str],
              overrides: list[str], finding: str = "") -> str:  # fmt: skip
     """The Markdown page for docs/results/tables/<name>.md; ``finding``: the paragraph on the
@@ -431,6 +459,8 @@ def document(name: str, table: PaperTable, merged: pd.DataFrame, missing: list[s
         cells = [_cell(row[c], DIGITS[c]) if c in DIGITS else _key_cell(row[c]) for c in cols]
         cells += [ours, _cell(row["published"]), _cell(row["diff"])]
         lines.append("| " + " | ".join(cells) + " |")
+    if table.compare and table.compare in merged:
+        lines += ["", *side_by_side(table, merged)]
     if missing:
         lines += ["", f"{len(missing)} jobs have no result yet (re-run to resume):", ""]
         lines += [f"- {m}" for m in missing]

@@ -204,3 +204,20 @@ def test_published_number_is_found_beside_extra_cell_keys_and_the_finding_is_pri
     assert text.rstrip().endswith(
         "## The seed's claim and what we measured\n\nClaim: x. Measured: y."
     )
+
+
+def test_closeness_table_sets_the_sources_side_by_side_best_first():
+    table = tables.TABLES["closeness"]
+    done = pd.DataFrame({
+        "dataset": ["mnist"] * 5, "method": ["freeze"] * 5,
+        "public.source": ["heldout", "heldout", "digits", "none", "fashion_mnist"],
+        "pruning.rate": [0.5] * 5, "privacy.epsilon": [1] * 5, "seed": [0, 1, 0, 0, 0],
+        "test_acc": [0.95, 0.97, 0.955, 0.93, 0.96],
+    })  # fmt: skip
+    done.attrs["overrides"] = ["public.source", "method", "pruning.rate", "seed"]
+    text = tables.document("closeness", table, tables.merge(table, done), [], [])
+    assert "| dataset | method | pruning.rate | privacy.epsilon | digits | fashion_mnist |" in text
+    assert (
+        "| mnist | freeze | 0.5 | 1 | 95.50 (n=1) | 96.00 (n=1) | 96.00 ± 1.41 (n=2) | 93.00 (n=1)"
+        " | fashion_mnist = heldout > digits > none |" in text
+    )
