@@ -3,15 +3,17 @@ exact for the model is refused before anything is released."""
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 from torch import nn
 
 from dpexp.accounting import Ledger
-from dpexp.clipping import MODES, ExactnessError, make_engine, probe
+from dpexp.clipping import MODES, ExactnessError, make_engine, probe, verify
 from dpexp.clipping.fast import BookKeepingEngine
 from dpexp.clipping.layers import LinearMath
-from dpexp.clipping.verify import tolerance
+from dpexp.clipping.verify import ProbeReport, tolerance
 from dpexp.errors import UserError
 from dpexp.models import CNNTanh
 from dpexp.privacy.step import GradientStep
@@ -83,6 +85,33 @@ def unclip_one_parameter(monkeypatch, name: str):
     monkeypatch.setattr(BookKeepingEngine, "clipped_sum", broken)
 
 
+@pytest.mark.parametrize("mode", ["bk", "ghost", "per_sample"])
+def test_float32_rounding_beyond_the_tolerance_is_decided_in_float64(mode, monkeypatch):
+    """An exact engine whose float32 errors exceed the tolerance (here made 1e-12, as a deep
+    model's rounding exceeds 1e-4) is exact in float64: the run goes on, both are reported,
+    and the model comes back in float32, the same tensors, bit for bit."""
+    monkeypatch.setitem(verify.TOLERANCE, torch.float32, 1e-12)
+    model = cnn()
+    before = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
+    x, y = batch()
+    name = next(iter(before))
+    weights = {name: (torch.rand_like(before[name][1]) > 0.5).float()}  # a freeze mask
+    engine = make_engine(mode, model)
+    with engine.attached_to_model():
+        report = probe(engine, x, y, max_grad_norm=None, weights=weights)
+    assert max(report.max_norm_error, report.max_sum_error) > report.tolerance == 1e-12
+    assert report.float64_error is not None and report.float64_error < 1e-12
+    for n, p in model.named_parameters():
+        assert p is before[n][0] and p.dtype == torch.float32 and torch.equal(p, before[n][1])
+
+
+def test_the_exactness_error_survives_pickling():
+    """A spawned or remote job (DDP, submitit, Ray) hands its refusal back pickled."""
+    report = ProbeReport(8, 0.5, 0.5, 1e-4, 0.01)
+    again = pickle.loads(pickle.dumps(ExactnessError("not exact", report)))
+    assert str(again) == "not exact"
+
+
 def test_a_missed_norm_is_caught_and_the_parameters_named(monkeypatch):
     miss_linear_norms(monkeypatch)
     model = cnn()
@@ -92,6 +121,7 @@ def test_a_missed_norm_is_caught_and_the_parameters_named(monkeypatch):
         probe(engine, x, y, max_grad_norm=None)
     message = str(info.value)
     assert "per-sample norms differ" in message and "\n" not in message
+    assert message.endswith("(in float64 too)")  # not rounding: the float64 re-check agrees
     assert "classifier" in message or "fc" in message  # the Linear layers are named
 
 
