@@ -223,7 +223,8 @@ TABLES: dict[str, PaperTable] = {
         paper_epochs=None,
         compare="public.source",
         deviations="Not a paper table: 10 pretraining epochs on 1,797 public examples, then "
-        "10 private epochs (the ScatterNet CNN); no published numbers (n/a).",
+        "private training of the ScatterNet CNN for the configured 10 epochs unless an override "
+        "says otherwise (the Epochs line says what ran); no published numbers (n/a).",
     ),
     "rgp_ablation": PaperTable(
         title="RGP ablation: DP-SGD vs RGP (rank 1, 4, 16) at ε ∈ {1, 3}",
