@@ -95,6 +95,39 @@ def job_dirname(override_dirname: str) -> str:
     return name
 
 
+def grid_job_dirnames(args: list[str]) -> list[str]:
+    """The job directory names ``python -m dpexp.train -m <args>`` creates with the basic
+    sweeper: the composed config's ``hydra.sweeper.params`` (an experiment's grid) with
+    ``args`` on top, each job named as Hydra's ``override_dirname`` and :func:`job_dirname`."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.config_loader_impl import get_overrides_dirname
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from dpexp.train import CONFIG_DIR
+
+    parser = OverridesParser.create()
+    fixed = [o.input_line for o in parser.parse_overrides(args) if not o.is_sweep_override()]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=fixed, return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    params = OmegaConf.select(cfg, "hydra.sweeper.params", default=None) or {}
+    grid = [f"{key}={value}" for key, value in params.items()] + list(args)
+    naming = cfg.hydra.job.config.override_dirname
+    exclude = list(naming.exclude_keys)
+    jobs = BasicSweeper.split_arguments(parser.parse_overrides(grid), None)[0]
+    return [
+        job_dirname(
+            get_overrides_dirname(
+                parser.parse_overrides(job), exclude, naming.item_sep, naming.kv_sep
+            )
+        )
+        for job in jobs
+    ]
+
+
 def register_resolvers() -> None:
     """Resolvers used by conf/hydra/default.yaml (idempotent)."""
     for name, fn in (("dpexp.stamp", sweep_stamp), ("dpexp.dirname", job_dirname)):

@@ -8,7 +8,8 @@ finished job found in ``multirun/`` is then kept under ``docs/results/<table>/``
 ``result.json`` and ``job.json``, a few kB, meant to be committed) with a ``results.csv`` of
 all of them, and ``docs/results/tables/<table>.md`` is written from those kept results: the
 command, hardware, epochs, deviations from the paper, and one row per table cell with our
-mean over n seeds (± std where n ≥ 2), the published number (or n/a) and the difference.
+mean over n seeds (± std where n ≥ 2), the published number (or n/a) and the difference,
+then every job of the table's grid that has no result yet.
 Without ``--run`` and without ``multirun/``, the page is regenerated from the committed
 results alone.
 """
@@ -33,7 +34,7 @@ import pandas as pd
 from dpexp import report
 from dpexp.errors import UserError
 from dpexp.results import RESULT_FILE, read_result
-from dpexp.sweep import JOB_FILE
+from dpexp.sweep import JOB_FILE, grid_job_dirnames
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -313,34 +314,37 @@ def collect(
     name: str, table: PaperTable, root: Path, overrides: list[str]
 ) -> tuple[pd.DataFrame, list[str]]:
     """Completed rows of all the table's sweeps run with ``overrides``, from the kept results
-    (also written to <kept>/results.csv), and the jobs still missing in ``multirun/``."""
+    (also written to <kept>/results.csv), and every job of the sweeps' grids without a kept
+    result (``<sweep>: not run|incomplete: <job>``; incomplete: its dir is in ``multirun/``)."""
     if table.bench_csv:
         paths = sorted(glob.glob(str(root / table.bench_csv)))
         if not paths:
             raise UserError(f"no benchmark results at {table.bench_csv}: run `make bench`")
         return pd.concat([pd.read_csv(p) for p in paths], ignore_index=True), []
-    frames, missing, override_keys = [], [], {}
+    frames, override_keys = [], {}
     names = dict.fromkeys(sweep.task_name(overrides) for sweep in table.sweeps)  # shared dirs once
     for sweep in names:
         kept = kept_dir(root, name) / sweep
         if not kept.is_dir():
             raise UserError(f"{kept} holds no results: run `make reproduce TABLE={name}`")
         df = report.collect(kept)
-        if (root / "multirun" / sweep).is_dir():  # the grid's unfinished jobs, if run here
-            live = report.collect(root / "multirun" / sweep)
-            report.summarize(live, root / "multirun" / sweep / "report")
-            df = pd.concat([df, live[live["status"] != report.STATUS_COMPLETE]])
-            df.attrs["overrides"] = list(
-                dict.fromkeys([*df.attrs.get("overrides", []), *live.attrs["overrides"]])
+        if (root / "multirun" / sweep).is_dir():  # the sweep's own report, if run here
+            report.summarize(
+                report.collect(root / "multirun" / sweep), root / "multirun" / sweep / "report"
             )
         override_keys.update(dict.fromkeys(df.attrs["overrides"]))
         frames.append(df[df["status"] == report.STATUS_COMPLETE])
-        undone = df[df["status"] != report.STATUS_COMPLETE]
-        missing += [f"{sweep}: {s}: {j}" for s, j in zip(undone.status, undone.job, strict=True)]
     done = pd.concat(frames, ignore_index=True)
     done.attrs["overrides"] = list(override_keys)
     done.to_csv(kept_dir(root, name) / "results.csv", index=False)
-    return done, missing
+    missing = []
+    for sweep in table.sweeps:
+        task = sweep.task_name(overrides)
+        for job in grid_job_dirnames([*sweep.args, *overrides]):
+            if read_result(kept_dir(root, name) / task / job) is None:
+                started = (root / "multirun" / task / job).is_dir()
+                missing.append(f"{task}: {'incomplete' if started else 'not run'}: {job}")
+    return done, list(dict.fromkeys(missing))
 
 
 def merge(table: PaperTable, done: pd.DataFrame) -> pd.DataFrame:
@@ -463,7 +467,11 @@ def document(name: str, table: PaperTable, merged: pd.DataFrame, missing: list[s
     if table.compare and table.compare in merged:
         lines += ["", *side_by_side(table, merged)]
     if missing:
-        lines += ["", f"{len(missing)} jobs have no result yet (re-run to resume):", ""]
+        lines += [
+            "",
+            f"{len(missing)} jobs of the grid have no result yet (`--run` resumes them):",
+            "",
+        ]
         lines += [f"- {m}" for m in missing]
     if finding:  # written by whoever ran the table, from the rows above
         lines += ["", "## The seed's claim and what we measured", "", finding.strip()]

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from dpexp import report, tables
 from dpexp.results import RESULT_FILE, write_json_atomic
-from dpexp.sweep import job_dirname
+from dpexp.sweep import grid_job_dirnames, job_dirname
 
 RATES, EPSILONS, SEEDS = (0.0, 0.8), (1, 8), (0, 1)
 
@@ -221,3 +221,31 @@ def test_closeness_table_sets_the_sources_side_by_side_best_first():
         "| mnist | freeze | 0.5 | 1 | 95.50 (n=1) | 96.00 (n=1) | 96.00 ± 1.41 (n=2) | 93.00 (n=1)"
         " | fashion_mnist = heldout > digits > none |" in text
     )
+
+
+def test_table_lists_every_grid_job_without_a_kept_result(tmp_path):
+    """Jobs launched one at a time leave no multirun.yaml of the whole grid: the missing jobs
+    come from the table's sweeps and the experiment's own grid, named as Hydra names them."""
+    table = tables.TABLES["rgp_ablation"]
+    extra = ["trainer.max_epochs=1"]
+    task = table.sweeps[0].task_name(extra)
+    grid = [job for sweep in table.sweeps for job in grid_job_dirnames([*sweep.args, *extra])]
+    assert (
+        len(grid) == 16
+        and "+width=4,experiment=rgp_ablation,method=rgp,epsilon=3,rank=16,max_epochs=1" in grid
+    )
+    finished, killed = grid[0], grid[1]
+    job = tmp_path / "multirun" / task / finished
+    (job / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(["method=dpsgd"]), job / ".hydra" / "overrides.yaml")
+    write_json_atomic(job / RESULT_FILE, {
+        "test_acc": 0.9, "epsilon": 0.999, "epochs": 1, "dataset": "mnist", "method": "dpsgd",
+        "seed": 0, "trainable_fraction": 1.0, "accountant_history": [[1.0, 0.1, 10]],
+    })  # fmt: skip
+    (tmp_path / "multirun" / task / killed).mkdir()
+    tables.keep_results("rgp_ablation", table, tmp_path, extra)
+    done, missing = tables.collect("rgp_ablation", table, tmp_path, extra)
+    assert len(done) == 1 and len(missing) == 15
+    assert f"{task}: incomplete: {killed}" in missing
+    assert f"{task}: not run: {grid[2]}" in missing
+    assert not any(finished in m for m in missing)
