@@ -325,8 +325,8 @@ def collect(
     names = dict.fromkeys(sweep.task_name(overrides) for sweep in table.sweeps)  # shared dirs once
     for sweep in names:
         kept = kept_dir(root, name) / sweep
-        if not kept.is_dir():
-            raise UserError(f"{kept} holds no results: run `make reproduce TABLE={name}`")
+        if not kept.is_dir():  # not run yet: its jobs are listed as missing below
+            continue
         df = report.collect(kept)
         if (root / "multirun" / sweep).is_dir():  # the sweep's own report, if run here
             report.summarize(
@@ -334,6 +334,10 @@ def collect(
             )
         override_keys.update(dict.fromkeys(df.attrs["overrides"]))
         frames.append(df[df["status"] == report.STATUS_COMPLETE])
+    if not frames:
+        raise UserError(
+            f"{kept_dir(root, name)} holds no results: run `make reproduce TABLE={name}`"
+        )
     done = pd.concat(frames, ignore_index=True)
     done.attrs["overrides"] = list(override_keys)
     done.to_csv(kept_dir(root, name) / "results.csv", index=False)

@@ -12,6 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from dpexp import report, tables
+from dpexp.errors import UserError
 from dpexp.results import RESULT_FILE, write_json_atomic
 from dpexp.sweep import grid_job_dirnames, job_dirname
 
@@ -243,9 +244,26 @@ def test_table_lists_every_grid_job_without_a_kept_result(tmp_path):
         "seed": 0, "trainable_fraction": 1.0, "accountant_history": [[1.0, 0.1, 10]],
     })  # fmt: skip
     (tmp_path / "multirun" / task / killed).mkdir()
+    with pytest.raises(UserError, match="holds no results"):
+        tables.collect("rgp_ablation", table, tmp_path, extra)  # nothing kept yet
     tables.keep_results("rgp_ablation", table, tmp_path, extra)
     done, missing = tables.collect("rgp_ablation", table, tmp_path, extra)
     assert len(done) == 1 and len(missing) == 15
     assert f"{task}: incomplete: {killed}" in missing
     assert f"{task}: not run: {grid[2]}" in missing
     assert not any(finished in m for m in missing)
+
+
+def test_a_table_with_one_sweep_not_run_yet_lists_its_jobs(tmp_path):
+    table = tables.TABLES["pruning_tradeoff"]
+    job = tmp_path / "docs" / "results" / "pruning_tradeoff" / "pruning_tradeoff"
+    job /= "experiment=pruning_tradeoff,epsilon=1,rate=0,scorer=magnitude"
+    job.mkdir(parents=True)
+    overrides = ["experiment=pruning_tradeoff", "privacy.epsilon=1", "pruning.scorer=magnitude",
+                 "pruning.rate=0"]  # fmt: skip
+    write_json_atomic(job / "job.json", {"overrides": overrides})
+    write_json_atomic(job / RESULT_FILE, {"test_acc": 0.96, "epochs": 40, "dataset": "mnist"})
+    done, missing = tables.collect("pruning_tradeoff", table, tmp_path, [])
+    assert len(done) == 1
+    assert len(missing) == 30 + 8 + 9 + 30 - 1  # grid, seeds 1-2, select, FashionMNIST grid
+    assert sum(m.startswith("pruning_tradeoff_fmnist: not run: ") for m in missing) == 30
