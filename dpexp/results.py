@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import subprocess
 import tempfile
 from pathlib import Path
@@ -28,6 +29,27 @@ def git_sha() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
+
+
+def hardware() -> str:
+    """CPU model, core count and GPU (if any) of this machine."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = "no GPU"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = f"{torch.cuda.device_count()}× {torch.cuda.get_device_name(0)}"
+    except ImportError:
+        pass
+    return f"{cpu}, {os.cpu_count()} logical cores, {gpu}"
 
 
 def config_hash(cfg: DictConfig) -> str:

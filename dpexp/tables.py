@@ -7,9 +7,9 @@ jobs are skipped), with the extra overrides appended (e.g. ``trainer.max_epochs=
 finished job found in ``multirun/`` is then kept under ``docs/results/<table>/`` (its
 ``result.json`` and ``job.json``, a few kB, meant to be committed) with a ``results.csv`` of
 all of them, and ``docs/results/tables/<table>.md`` is written from those kept results: the
-command, hardware, epochs, deviations from the paper, and one row per table cell with our
-mean over n seeds (± std where n ≥ 2), the published number (or n/a) and the difference,
-then every job of the table's grid that has no result yet.
+command, the machine and wall time the jobs recorded, epochs, deviations from the paper, and
+one row per table cell with our mean over n seeds (± std where n ≥ 2), the published number
+(or n/a) and the difference, then every job of the table's grid that has no result yet.
 Without ``--run`` and without ``multirun/``, the page is regenerated from the committed
 results alone.
 """
@@ -21,8 +21,6 @@ import datetime as dt
 import glob
 import hashlib
 import itertools
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -33,7 +31,7 @@ import pandas as pd
 
 from dpexp import report
 from dpexp.errors import UserError
-from dpexp.results import RESULT_FILE, read_result
+from dpexp.results import RESULT_FILE, hardware, read_result
 from dpexp.sweep import JOB_FILE, grid_job_dirnames
 
 REPO = Path(__file__).resolve().parents[1]
@@ -256,27 +254,6 @@ TABLES: dict[str, PaperTable] = {
 }
 
 
-def hardware() -> str:
-    """CPU model, core count and GPU (if any) of this machine."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = "no GPU"
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            gpu = f"{torch.cuda.device_count()}× {torch.cuda.get_device_name(0)}"
-    except ImportError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical cores, {gpu}"
-
-
 def run_sweeps(table: PaperTable, overrides: list[str]) -> None:
     """Run (or resume) every sweep of ``table``; a failing sweep stops with its exit code."""
     for sweep in table.sweeps:
@@ -425,10 +402,31 @@ def side_by_side(table: PaperTable, merged: pd.DataFrame) -> list[str]:
     return lines
 
 
+def machine_lines(done: pd.DataFrame | None) -> list[str]:
+    """Where and how long the jobs ran, from their results (``hardware``, ``wall_s``); jobs
+    kept before results recorded the machine are counted, never attributed to this one."""
+    n = 0 if done is None else len(done)
+    recorded = done["hardware"].dropna() if n and "hardware" in done else pd.Series(dtype=str)
+    ran_on = [f"{machine} ({count} jobs)" for machine, count in recorded.value_counts().items()]
+    if len(recorded) < n:
+        ran_on.append(f"not recorded by {n - len(recorded)} jobs, run before results did so")
+    lines = [f"- Machine: {'; '.join(ran_on) or 'not recorded'}; this page was generated on "
+             f"{hardware()}"]  # fmt: skip
+    wall = done["wall_s"].dropna().astype(float) if n and "wall_s" in done else pd.Series()
+    if len(wall):
+        lines.append(
+            f"- Wall time: {wall.min():.0f}–{wall.max():.0f} s per job (median "
+            f"{wall.median():.0f} s), {len(wall)} jobs, {wall.sum() / 3600:.1f} h in all"
+        )
+    return lines
+
+
 def document(name: str, table: PaperTable, merged: pd.DataFrame, missing: list[str],
-             overrides: list[str], finding: str = "") -> str:  # fmt: skip
+             overrides: list[str], finding: str = "",
+             done: pd.DataFrame | None = None) -> str:  # fmt: skip
     """The Markdown page for docs/results/tables/<name>.md; ``finding``: the paragraph on the
-    seed's claim (docs/results/<name>/finding.md), set under the table."""
+    seed's claim (docs/results/<name>/finding.md), set under the table; ``done``: the
+    completed jobs the cells were merged from (their machine and wall time)."""
     unit = "%" if table.scale == 100 else "×"
     metric = f"{table.metric} ({unit})"
     # n (the seeds) is printed in each "ours" cell, not as a column of its own
@@ -450,7 +448,7 @@ def document(name: str, table: PaperTable, merged: pd.DataFrame, missing: list[s
     epochs = sorted({int(e) for e in merged.get("epochs", pd.Series(dtype=float)).dropna()})
     lines += [
         "",
-        f"- Hardware: {hardware()}",
+        *machine_lines(done),
         f"- Epochs: {', '.join(map(str, epochs)) or 'n/a'}"
         + (f" (paper: {table.paper_epochs})" if table.paper_epochs else ""),
         f"- Deviations from the paper: {table.deviations}"
@@ -502,7 +500,9 @@ def main(argv: list[str] | None = None) -> None:
         done, missing = collect(args.table, table, REPO, args.overrides)
         finding_file = kept_dir(REPO, args.table) / FINDING_FILE
         finding = finding_file.read_text() if finding_file.is_file() else ""
-        text = document(args.table, table, merge(table, done), missing, args.overrides, finding)
+        text = document(
+            args.table, table, merge(table, done), missing, args.overrides, finding, done
+        )
     except UserError as exc:
         print(f"dpexp.tables: error: {exc}", file=sys.stderr)
         sys.exit(2)

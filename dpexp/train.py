@@ -35,7 +35,14 @@ from dpexp.models import RUN_WEIGHTS, init_fields, save_weights
 from dpexp.module import Classifier
 from dpexp.privacy import PLAN_FILE, PrivacyCallback
 from dpexp.privacy.settings import privacy_settings
-from dpexp.results import RESULT_FILE, config_hash, git_sha, read_result, write_json_atomic
+from dpexp.results import (
+    RESULT_FILE,
+    config_hash,
+    git_sha,
+    hardware,
+    read_result,
+    write_json_atomic,
+)
 from dpexp.validate import check_checkpoint, validate
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -184,6 +191,7 @@ def run(cfg: DictConfig, output_dir: Path, own_attempt: bool = False) -> dict[st
         "wall_s": round(time.perf_counter() - start, 2),
         "seed": cfg.seed,
         "git_sha": git_sha(),
+        "hardware": hardware(),  # where it ran: the paper tables say so per job
         "config_hash": config_hash(cfg),
         "run_dir": str(output_dir),
     }

@@ -144,11 +144,11 @@ def test_paper_table_sets_ours_beside_published(tmp_path):
     assert merged.loc[("fashion_mnist", "dpsgd"), "seeds"] == 2
     assert ("fashion_mnist", "screen") not in merged.index  # not run: not invented
     text = tables.document("sa_dpsgd", table, merged.reset_index(), missing,
-                           ["trainer.max_epochs=3"])  # fmt: skip
+                           ["trainer.max_epochs=3"], done=done)  # fmt: skip
     assert (
         "| mnist | dpsgd | 2.990 | 3 | 97.50 ± 0.71 (n=2, 3 of 40 epochs) | 98.12 | -0.62 |" in text
     )
-    assert "- Epochs: 3 (paper: 40)" in text and "Hardware: " in text
+    assert "- Epochs: 3 (paper: 40)" in text and "Machine: not recorded by 6 jobs" in text
     assert "Deviations from the paper:" in text and "trainer.max_epochs=3" in text
     assert (sweep_dir / "report" / "results.csv").is_file()
     kept = tmp_path / "docs" / "results" / "sa_dpsgd"
@@ -156,6 +156,20 @@ def test_paper_table_sets_ours_beside_published(tmp_path):
     shutil.rmtree(tmp_path / "multirun")  # a fresh clone: only the committed results
     again, _ = tables.collect("sa_dpsgd", table, tmp_path, ["trainer.max_epochs=3"])
     assert len(again) == 6 and sorted(again["test_acc"]) == sorted(done["test_acc"])
+
+
+def test_the_page_says_where_and_how_long_the_jobs_ran():
+    """The machine comes from the jobs' results, not from where the page is generated; jobs
+    that did not record it are counted as such."""
+    done = pd.DataFrame({"hardware": ["GPU box", "GPU box", None],
+                         "wall_s": [100.0, 300.0, 200.0]})  # fmt: skip
+    lines = tables.machine_lines(done)
+    assert lines[0].startswith(
+        "- Machine: GPU box (2 jobs); not recorded by 1 jobs, run before results did so; "
+        "this page was generated on "
+    )
+    assert lines[1] == "- Wall time: 100–300 s per job (median 200 s), 3 jobs, 0.2 h in all"
+    assert len(tables.machine_lines(done.drop(columns="wall_s"))) == 1
 
 
 def test_tables_without_published_numbers_say_so():

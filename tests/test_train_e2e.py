@@ -13,7 +13,7 @@ from tests.conftest import MNIST_AVAILABLE
 REQUIRED = {
     "test_acc", "epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "epochs",
     "accountant", "max_grad_norm", "method", "clipping", "dataset", "model", "n_params",
-    "trainable_fraction", "wall_s", "seed", "git_sha", "config_hash",
+    "trainable_fraction", "wall_s", "seed", "git_sha", "hardware", "config_hash",
 }  # fmt: skip
 
 
