@@ -157,6 +157,8 @@ def run(cfg: DictConfig, output_dir: Path, own_attempt: bool = False) -> dict[st
     ckpt_path = check_run_dir(cfg, output_dir, own_attempt)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     start = time.perf_counter()
+    # the code and machine at the start: a checkout during a long run must not relabel it
+    started_from = {"git_sha": git_sha(), "hardware": hardware()}
     datamodule, module, privacy, methods, trainer = build(cfg, output_dir)
     tracking.log_config(trainer.loggers, cfg)
     pretrained = pretrain_stage(cfg, module.model, datamodule, trainer, output_dir, ckpt_path)
@@ -190,8 +192,7 @@ def run(cfg: DictConfig, output_dir: Path, own_attempt: bool = False) -> dict[st
         **pretrained,
         "wall_s": round(time.perf_counter() - start, 2),
         "seed": cfg.seed,
-        "git_sha": git_sha(),
-        "hardware": hardware(),  # where it ran: the paper tables say so per job
+        **started_from,
         "config_hash": config_hash(cfg),
         "run_dir": str(output_dir),
     }

@@ -33,6 +33,23 @@ def test_dp_run_on_synthetic_writes_complete_result(tiny_cfg, tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
 
 
+def test_result_names_the_code_the_run_started_from(tiny_cfg, tmp_path, monkeypatch):
+    """A checkout while a long run trains must not relabel its result with the new commit."""
+    import dpexp.train as train
+
+    head = {"sha": "started"}
+    real_build = train.build
+
+    def build_then_check_out(*args, **kwargs):
+        built = real_build(*args, **kwargs)
+        head["sha"] = "checked-out-later"
+        return built
+
+    monkeypatch.setattr(train, "git_sha", lambda: head["sha"])
+    monkeypatch.setattr(train, "build", build_then_check_out)
+    assert run(tiny_cfg(), tmp_path / "run")["git_sha"] == "started"
+
+
 def test_non_private_baseline_runs_the_same_loop(tiny_cfg, tmp_path):
     result = run(tiny_cfg("privacy=none"), tmp_path / "run")
     assert result["epsilon"] is None and result["noise_multiplier"] is None
