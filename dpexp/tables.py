@@ -151,6 +151,25 @@ TABLES: dict[str, PaperTable] = {
                 ),
             ),
             Sweep("pruning_tradeoff_fmnist", ("experiment=pruning_tradeoff_fmnist",)),
+            Sweep(
+                "pruning_tradeoff_fmnist",
+                (
+                    "experiment=pruning_tradeoff_fmnist",
+                    "privacy.epsilon=1",
+                    "pruning.rate=0,0.5",
+                    "seed=1,2",
+                ),
+            ),
+            Sweep(
+                "pruning_tradeoff_fmnist",
+                (
+                    "experiment=pruning_tradeoff_fmnist",
+                    "method=select",
+                    "select.rate=0.5,0.8,0.9",
+                    "pruning.rate=0",
+                    "pruning.scorer=random",
+                ),
+            ),
         ),
         paper_epochs=40,
         deviations="No published MNIST/FashionMNIST numbers are quoted here (n/a).",
